@@ -1,0 +1,3 @@
+from engine._cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Job specs are data: YAML files parsed into frozen dataclasses.
+
+Parsing names the bad field on every error (``train.epochs must be an integer, got
+'ten'``), suggests the closest key for a misspelling, and never guesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from engine.errors import SpecError
+
+__all__ = [
+    "InputSpec",
+    "SplitSpec",
+    "ModelSpec",
+    "TrainSpec",
+    "OutputSpec",
+    "TrackingSpec",
+    "GapFillSpec",
+    "load_job",
+    "parse_spec",
+]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    catalog: str
+    entry: str
+    chunks: dict[str, int] | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    method: Literal["block", "random"] = "block"
+    blocks: dict[str, int] = field(default_factory=lambda: {"time": 3, "lat": 10, "lon": 10})
+    test_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    buffer: dict[str, int] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: Literal["relu", "gelu", "tanh", "elu"] = "relu"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 100
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    url: str
+    dir: str | None = None
+    storage_options: dict[str, Any] | None = None
+    plot_time: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    mlflow: bool = False
+    uri: str | None = None
+    experiment: str = "cube-engine"
+
+
+@dataclass(frozen=True)
+class GapFillSpec:
+    """A gap-filling job: predict ``target`` from ``features`` where the target is missing."""
+
+    name: str
+    input: InputSpec
+    target: str
+    features: list[str]
+    output: OutputSpec
+    kind: Literal["gapfill"] = "gapfill"
+    mask: str | None = None
+    split: SplitSpec = field(default_factory=SplitSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    seed: int = 0
+    #: Directory of the job file; relative catalog paths resolve against it.
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> str:
+        """Resolve a path of the spec against the job file's directory (URLs untouched)."""
+        if "://" in path or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return d
+
+
+JOB_KINDS: dict[str, type] = {"gapfill": GapFillSpec}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp in _TYPE_NAMES:
+        return _TYPE_NAMES[tp]
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list,):
+        return "a list"
+    if origin in (dict,):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except SpecError as err:
+                errors.append(err)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{where} must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"{where} must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{where} must be a list, got {value!r}")
+        (item,) = args
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where} must be a mapping, got {value!r}")
+        kt, vt = args
+        return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{where} must be a string, got {value!r}")
+        return value
+    raise SpecError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    prefix = f"{where}." if where else ""
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(
+                f"unknown key {prefix}{key}{hint}; allowed keys: {', '.join(fields)}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"missing required key {prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_spec(data: dict[str, Any], base_dir: str = ".") -> GapFillSpec:
+    """Build a job spec from a mapping; raise :class:`SpecError` naming the bad field."""
+    if not isinstance(data, dict):
+        raise SpecError("a job spec must be a YAML mapping at the top level")
+    kind = data.get("kind", "gapfill")
+    if kind not in JOB_KINDS:
+        raise SpecError(f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
+    spec = _build(JOB_KINDS[kind], data)
+    spec = dataclasses.replace(spec, base_dir=base_dir)
+    _check_semantics(spec)
+    return spec
+
+
+def _check_semantics(spec: GapFillSpec) -> None:
+    s = spec.split
+    for name, v in (("split.test_fraction", s.test_fraction),
+                    ("split.validation_fraction", s.validation_fraction)):
+        if not 0.0 < v < 1.0:
+            raise SpecError(f"{name} must be in (0, 1), got {v}")
+    if not spec.features:
+        raise SpecError("features must list at least one variable")
+    if spec.target in spec.features:
+        raise SpecError(f"target {spec.target!r} is also listed in features; remove it there")
+    t = spec.train
+    if t.epochs < 1:
+        raise SpecError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        raise SpecError(f"train.batch_size must be >= 1, got {t.batch_size}")
+    if t.learning_rate <= 0:
+        raise SpecError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if t.patience < 1:
+        raise SpecError(f"train.patience must be >= 1, got {t.patience}")
+    if spec.model.kind == "mlp" and (not spec.model.hidden or min(spec.model.hidden) < 1):
+        raise SpecError("model.hidden must list positive layer widths for an mlp")
+
+
+def load_job(path: str) -> GapFillSpec:
+    """Read and validate a job spec YAML file."""
+    if not os.path.exists(path):
+        raise SpecError(f"job file not found: {path}; pass the path of a job spec, e.g. jobs/gapfill.yaml")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"job file {path} is not valid YAML{at}: fix the syntax") from None
+    return parse_spec(data, base_dir=os.path.dirname(os.path.abspath(path)))
