@@ -102,7 +102,7 @@ def train_model(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             n += len(y)
         res.samples_seen += n
         val_loss = _evaluate(model, val)
