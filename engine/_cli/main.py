@@ -130,7 +130,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine.io.writer import check_destination
+    from engine.io.destination import check_destination
     from engine.pipelines.gapfill import output_locations, prepare, spec_fingerprint
     from engine.pipelines.spec import load_job
 

@@ -158,7 +158,8 @@ def run_gapfill(
     """Run the whole job; every input is validated before anything is written."""
     import torch
 
-    from engine.io.writer import check_destination, write
+    from engine.io.destination import check_destination
+    from engine.io.writer import write
     from engine.ml.models import build_regressor
     from engine.ml.predict import predict
     from engine.ml.samples import PixelSamples
@@ -195,6 +196,7 @@ def run_gapfill(
                          stats.mean[spec.target], stats.std[spec.target])
     ckpt = os.path.join(run_dir, "best.pt")
     train_json = os.path.join(run_dir, "train.json")
+    streams: list = []
     reuse = (not restart and not overwrite and os.path.exists(ckpt) and os.path.exists(train_json)
              and json.load(open(train_json)).get("job_fingerprint") == fp)
     tracker = _Tracker(spec, run_dir) if spec.tracking.mlflow else None
@@ -222,8 +224,10 @@ def run_gapfill(
                           weight_decay=spec.train.weight_decay, patience=spec.train.patience,
                           min_delta=spec.train.min_delta, checkpoint=ckpt, seed=spec.seed,
                           on_epoch=_epoch)
-        train_s.release()
-        val_s.release()
+        # Release the cached sample blocks only after the write: they share input keys
+        # with the prediction graph, and forgetting them while that graph is submitted
+        # makes the scheduler cancel its tasks ("lost dependencies").
+        streams = [train_s, val_s]
         train_info = {
             "job_fingerprint": fp,
             "best_epoch": res.best_epoch,
@@ -268,6 +272,8 @@ def run_gapfill(
                  storage_options=spec.output.storage_options, client=client,
                  progress=on_region)
     write_s = time.perf_counter() - t_write
+    for stream in streams:
+        stream.release()
 
     # 4. metrics on the test blocks, from the written store (the model is not run twice)
     written = xr.open_zarr(url, storage_options=spec.output.storage_options)

@@ -1,0 +1,180 @@
+"""Blockwise inference overhead on CPU: predict vs the same model on pre-cut batches.
+
+``predict (tiled)``
+    :func:`engine.ml.predict.predict` on a dask-backed cube (chunks in memory) with a
+    conv net whose forward pass dominates, 64x64 tiles, 50 % overlap, Gaussian blending,
+    computed with the default local (threaded) scheduler.
+``model loop (tiled)``
+    the same model called in a plain loop on pre-cut float32 batches: the same number
+    of tiles predict runs (halo windows included) and the same batch size.
+``predict (pointwise)`` / ``model loop (pointwise)``
+    the per-pixel path of the gap-filling job: an MLP on every pixel vs the same MLP
+    on a pre-stacked ``(pixels, features)`` array in batches of the same size.
+
+The ratio ``loop seconds / predict seconds`` is the share of the model's own speed that
+predict keeps (target >= 0.9). Run ``python benchmarks/bench_predict.py [tiny|default|large]``;
+JSON goes to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.kernels.windows import blend_depth
+from engine.ml.predict import predict
+from engine.ml.registry import build_architecture
+from engine.testing.cubes import synthetic_cube
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"shape": (2, 128, 128), "hidden": 8, "layers": 2, "tile": 32, "batch": 16,
+             "pixels": (2, 128, 128), "repeats": 1},
+    "default": {"shape": (4, 256, 256), "hidden": 32, "layers": 3, "tile": 64, "batch": 32,
+                "pixels": (8, 512, 512), "repeats": 3},
+    "large": {"shape": (8, 512, 512), "hidden": 64, "layers": 3, "tile": 64, "batch": 32,
+              "pixels": (16, 1024, 1024), "repeats": 3},
+}
+VARIABLES = ("t2m", "lst", "ndvi")
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _tiles_run_by_predict(n: int, tile: int, stride: int) -> int:
+    """Windows predict runs along one axis of a one-chunk image (halo windows included)."""
+    need = max((n - 1) // stride * stride + tile, n)
+    padded = -(-need // stride) * stride
+    ext = padded + 2 * blend_depth(tile, stride)
+    return (ext - tile) // stride + 1
+
+
+def _bench_tiled(cfg: dict) -> dict[str, Any]:
+    t, h, w = cfg["shape"]
+    tile, batch, reps = cfg["tile"], cfg["batch"], cfg["repeats"]
+    stride = tile // 2
+    ds = synthetic_cube({"time": t, "lat": h, "lon": w}, chunks={"time": 1},
+                        variables=VARIABLES).persist(scheduler="threads")
+    torch.manual_seed(0)
+    model = build_architecture("conv_net", in_channels=3, hidden=cfg["hidden"],
+                               layers=cfg["layers"], kernel_size=3).eval()
+    out = predict(ds, model, tile={"lat": tile, "lon": tile}, overlap=0.5, batch_size=batch)
+    out.data.compute()  # warm-up: model load into the process cache, thread pools
+    t_predict = _median_time(lambda: out.data.compute(), reps)
+
+    n_tiles = t * _tiles_run_by_predict(h, tile, stride) * _tiles_run_by_predict(w, tile, stride)
+    unique = t * math.ceil(h / stride) * math.ceil(w / stride)
+    x = np.random.default_rng(0).random((n_tiles, 3, tile, tile), dtype=np.float32)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def loop() -> None:
+        with torch.inference_mode():
+            for b0 in range(0, n_tiles, batch):
+                model(torch.from_numpy(x[b0:b0 + batch]))
+
+    loop()
+    t_loop = _median_time(loop, reps)
+    return {
+        "cube": {"shape": cfg["shape"], "chunks": [1, h, w], "variables": len(VARIABLES)},
+        "model": f"conv_net hidden={cfg['hidden']} layers={cfg['layers']} kernel=3",
+        "tile": tile, "stride": stride, "batch_size": batch,
+        "tiles_run": n_tiles, "grid_tiles": unique,
+        "predict_s": t_predict, "loop_s": t_loop,
+        "predict_tiles_per_s": n_tiles / t_predict, "loop_tiles_per_s": n_tiles / t_loop,
+        "output_px_per_s": t * h * w / t_predict,
+        "ratio": t_loop / t_predict,
+    }
+
+
+def _bench_pointwise(cfg: dict) -> dict[str, Any]:
+    t, h, w = cfg["pixels"]
+    reps = cfg["repeats"]
+    ds = synthetic_cube({"time": t, "lat": h, "lon": w}, chunks={"time": 1},
+                        variables=VARIABLES).persist(scheduler="threads")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 1)).eval()
+    batch = 4096
+    out = predict(ds, mlp, tile=None, batch_size=batch)
+    out.data.compute()
+    t_predict = _median_time(lambda: out.data.compute(), reps)
+    x = np.stack([ds[v].values.reshape(-1) for v in VARIABLES], axis=1)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def loop() -> None:
+        with torch.inference_mode():
+            for b0 in range(0, len(x), batch):
+                mlp(torch.from_numpy(x[b0:b0 + batch]))
+
+    loop()
+    t_loop = _median_time(loop, reps)
+    n = t * h * w
+    return {"pixels": n, "batch_size": batch, "model": "MLP 3-64-64-1",
+            "predict_s": t_predict, "loop_s": t_loop, "predict_px_per_s": n / t_predict,
+            "loop_px_per_s": n / t_loop, "ratio": t_loop / t_predict}
+
+
+def run(size: str = "default") -> dict[str, Any]:
+    """Run the benchmark at ``size`` (tiny, default, large); returns the result dict."""
+    cfg = SIZES[size]
+    threads = torch.get_num_threads()
+    try:
+        tiled = _bench_tiled(cfg)
+        point = _bench_pointwise(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "benchmark": "predict", "size": size, "device": "cpu",
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "tiled": tiled, "pointwise": point,
+        "ratios": {"tiled": tiled["ratio"], "pointwise": point["ratio"]},
+        "targets": {"tiled": 0.9},
+    }
+
+
+def _print(res: dict[str, Any]) -> None:
+    t, p = res["tiled"], res["pointwise"]
+    print(f"predict benchmark ({res['size']}, CPU, {res['machine']['cpus']} cores)")
+    print(f"tiled: cube {t['cube']['shape']} x {t['cube']['variables']} vars, {t['model']}, "
+          f"tile {t['tile']} stride {t['stride']}, batch {t['batch_size']}: "
+          f"{t['tiles_run']} tiles run ({t['grid_tiles']} on the global grid)")
+    print(f"{'method':28s} {'seconds':>9s} {'items/s':>12s}")
+    print(f"{'predict (tiled)':28s} {t['predict_s']:9.3f} {t['predict_tiles_per_s']:12.1f}")
+    print(f"{'model loop (tiled)':28s} {t['loop_s']:9.3f} {t['loop_tiles_per_s']:12.1f}")
+    print(f"{'predict (pointwise)':28s} {p['predict_s']:9.3f} {p['predict_px_per_s']:12.0f}")
+    print(f"{'model loop (pointwise)':28s} {p['loop_s']:9.3f} {p['loop_px_per_s']:12.0f}")
+    print(f"ratio loop/predict tiled: {t['ratio']:.2f} (target >= 0.9); "
+          f"pointwise: {p['ratio']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    size = (argv or sys.argv[1:] or ["default"])[0]
+    res = run(size)
+    _print(res)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"bench_predict-{size}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

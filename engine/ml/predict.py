@@ -1,0 +1,613 @@
+"""Blockwise torch inference over dask-backed cubes: :func:`predict`.
+
+Two modes share one model-shipping and loading scheme.
+
+*Tiled* (``tile={"lat": 64, "lon": 64}``): a global window grid (tile ``T``, stride
+``S = T * (1 - overlap)``) anchored at index 0; the array is padded at its true far edges
+to a multiple of ``S``, rechunked so chunk boundaries are multiples of ``S``, and every
+block gets a halo of ``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` with an explicit
+boundary, trimmed with the same boundary). Inside a block the windows are cut as strided
+views, run through the model in batches and blended with a Gaussian importance map
+(sigma = T/8, weights > 0) normalised by the summed weights in float32. Every window that
+covers a pixel lies inside that pixel's halo-extended block, so the output does not
+depend on the chunking.
+
+*Pointwise* (``tile=None``): a per-pixel model ``(n, features) -> (n, out)``, one
+``map_blocks`` task per chunk, one model call per ``batch_size`` valid pixels; pixels
+with a NaN feature get NaN without reaching the model.
+
+The model is serialised once (state_dict + architecture factory, TorchScript, or the
+pickled module) into ONE graph key that every block depends on, and loaded lazily once
+per worker process into a cache keyed by its content hash (:func:`model_load_count`).
+With ``device="cuda"`` the inference tasks carry ``resources={"GPU": 1}``: start the
+workers with ``--resources GPU=1`` (or ``LocalCUDACluster(resources={"GPU": 1})``), or
+they will never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import math
+import os
+import sys
+import threading
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from engine import config
+from engine.errors import CubeError, SpecError
+from engine.kernels.windows import blend_depth, gaussian_weights, grid_starts, weight_sum
+
+__all__ = ["predict", "ModelSpec", "model_load_count", "clear_model_cache", "CHANNEL_DIM"]
+
+#: Name of the output channel dim when ``out_channels > 1``.
+CHANNEL_DIM = "channel"
+_CHANNEL_NAMES = ("variable", "channel", "band", "feature")
+_DEFAULT_TILE: Mapping[str, int] = {"lat": 64, "lon": 64}
+_PRECISIONS = {"auto": "auto", "fp32": None, "float32": None, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Weights plus a registered architecture.
+
+    Parameters
+    ----------
+    weights
+        A ``state_dict``: file path, the bytes of ``torch.save(state_dict)``, or the dict.
+    architecture
+        Name in :mod:`engine.ml.registry`.
+    kwargs
+        Keyword arguments of the architecture factory.
+    """
+
+    weights: Any
+    architecture: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class _Payload:
+    """The serialised model: the single graph key every inference task depends on."""
+
+    kind: Literal["state_dict", "torchscript", "module"]
+    data: bytes
+    digest: str
+    factory: Callable[..., nn.Module] | None = None
+    kwargs: tuple = ()
+
+    def __dask_tokenize__(self) -> tuple:  # hash once, not on every tokenize
+        return ("engine-model", self.digest)
+
+
+# -- serialisation (client side) ----------------------------------------------------------
+def _digest(kind: str, data: bytes, extra: str = "") -> str:
+    h = hashlib.sha256(kind.encode())
+    h.update(data)
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def _state_dict_payload(weights: Any, architecture: str, kwargs: Mapping[str, Any]) -> _Payload:
+    from engine.ml.registry import get_architecture
+
+    factory = get_architecture(architecture)
+    if isinstance(weights, (str, os.PathLike)):
+        if not os.path.exists(weights):
+            raise SpecError(f"model weights {os.fspath(weights)!r} not found: check the path")
+        with open(weights, "rb") as f:
+            data = f.read()
+    elif isinstance(weights, (bytes, bytearray)):
+        data = bytes(weights)
+    elif isinstance(weights, Mapping):
+        buf = io.BytesIO()
+        torch.save(dict(weights), buf)
+        data = buf.getvalue()
+    else:
+        raise SpecError(f"model weights of type {type(weights).__name__}: pass a path, bytes "
+                        "or a state_dict")
+    try:  # fail here, with one clear line, rather than in every task
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        factory(**dict(kwargs)).load_state_dict(state)
+    except Exception as err:
+        raise SpecError(f"weights do not load into architecture {architecture!r} with "
+                        f"{dict(kwargs)}: {str(err).splitlines()[0]}") from err
+    items = tuple(sorted(dict(kwargs).items()))
+    extra = f"{architecture}:{getattr(factory, '__qualname__', '')}:{items!r}"
+    return _Payload("state_dict", data, _digest("state_dict", data, extra), factory, items)
+
+
+def _is_torchscript(data: bytes) -> bool:
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Any:
+    """TorchScript save/load warn that they are deprecated; the user chose the format."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        yield
+
+
+def serialize_model(model: Any) -> _Payload:
+    """Serialise ``model`` once (see :func:`predict` for the accepted forms)."""
+    if isinstance(model, _Payload):
+        return model
+    if isinstance(model, ModelSpec):
+        return _state_dict_payload(model.weights, model.architecture, model.kwargs)
+    if isinstance(model, tuple) and len(model) in (2, 3) and isinstance(model[1], str):
+        return _state_dict_payload(model[0], model[1], model[2] if len(model) == 3 else {})
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise SpecError(f"model file {path!r} not found: check the path")
+        with open(path, "rb") as f:
+            data = f.read()
+        if not _is_torchscript(data):
+            raise SpecError(f"{path!r} is not a TorchScript file: for a state_dict pass "
+                            "ModelSpec(weights=path, architecture=NAME, kwargs={...})")
+        return _Payload("torchscript", data, _digest("torchscript", data))
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        with _quiet_jit():
+            torch.jit.save(model, buf)
+        data = buf.getvalue()
+        return _Payload("torchscript", data, _digest("torchscript", data))
+    if isinstance(model, nn.Module):
+        arch = getattr(model, "_engine_architecture", None)
+        if arch is not None:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return _state_dict_payload(state, arch[0], arch[1])
+        import cloudpickle
+
+        # By value for classes defined in scripts/notebooks, by reference otherwise.
+        buf = io.BytesIO()
+        torch.save(model, buf, pickle_module=cloudpickle)
+        data = buf.getvalue()
+        return _Payload("module", data, _digest("module", data))
+    raise SpecError(f"model of type {type(model).__name__}: pass an nn.Module, a TorchScript "
+                    "path, or ModelSpec(weights, architecture, kwargs)")
+
+
+# -- loading (worker side) ----------------------------------------------------------------
+_LOCK = threading.Lock()
+_FORWARD_LOCK = threading.Lock()
+_CACHE: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+_CACHE_SIZE = 4
+_LOADS = 0
+_THREADS_SET = False
+
+
+def model_load_count() -> int:
+    """Models deserialised in this process so far (1 per model and device when cached)."""
+    return _LOADS
+
+
+def clear_model_cache() -> None:
+    """Drop the cached models of this process (the load counter is kept)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def _load(payload: _Payload, device: torch.device) -> nn.Module:
+    buf = io.BytesIO(payload.data)
+    if payload.kind == "state_dict":
+        model = payload.factory(**dict(payload.kwargs))
+        model.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
+    elif payload.kind == "torchscript":
+        with _quiet_jit():
+            model = torch.jit.load(buf, map_location="cpu")
+    else:  # bytes produced by serialize_model in this job, never from a file
+        model = torch.load(buf, map_location="cpu", weights_only=False)
+    return model.to(device).eval()
+
+
+def _get_model(payload: _Payload, device: torch.device) -> nn.Module:
+    global _LOADS
+    key = (payload.digest, str(device))
+    with _LOCK:
+        model = _CACHE.get(key)
+        if model is None:
+            model = _load(payload, device)
+            _LOADS += 1
+            _CACHE[key] = model
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
+    return model
+
+
+def _in_worker() -> Any:
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractContextManager]:
+    """Resolve the device in *this* process and pick the forward-pass lock.
+
+    In a distributed worker the nanny sets ``OMP_NUM_THREADS=1``, so each of the worker's
+    threads runs its own single-threaded forward pass; without that variable torch gets
+    ``cores // threads-per-worker`` threads. With the local threaded scheduler forward
+    passes are serialised by a process lock and each uses all of torch's threads, so
+    ``n`` dask threads never start ``n x cores`` torch threads.
+    """
+    global _THREADS_SET
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("predict(device='cuda') but this worker has no CUDA device: use "
+                           "device='auto' or start GPU workers")
+    worker = _in_worker()
+    if worker is None or dev.type == "cuda":
+        return dev, _FORWARD_LOCK
+    if not _THREADS_SET and "OMP_NUM_THREADS" not in os.environ:
+        with _LOCK:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads)))
+            _THREADS_SET = True
+    return dev, contextlib.nullcontext()
+
+
+def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = _PRECISIONS[precision]
+    if dtype == "auto":
+        dtype = torch.bfloat16 if dev.type == "cuda" else None
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=dtype)
+
+
+def _forward(model: nn.Module, batch: Any, dev: torch.device, xp: Any) -> Any:
+    """Run ``model`` on an (n, ...) float32 batch; returns float32 in the batch's library."""
+    t = torch.from_numpy(batch) if xp is np else torch.from_dlpack(batch)
+    if t.device != dev:
+        t = t.to(dev, non_blocking=True)
+    out = model(t)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = out.float()
+    if xp is np:
+        return out.cpu().numpy()
+    return xp.from_dlpack(out.contiguous())
+
+
+def _namespace(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return np
+    import importlib
+
+    return importlib.import_module(type(x).__module__.split(".")[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple[int, ...],
+                      blend: str) -> np.ndarray:
+    w = gaussian_weights(tile) if blend == "gaussian" else None
+    wsum = weight_sum(ext, grid_starts(ext, tile, stride), tile, w)
+    wsum[wsum == 0] = 1.0  # only halo pixels no full window reaches; trimmed afterwards
+    wsum.setflags(write=False)
+    return wsum
+
+
+# -- block functions ----------------------------------------------------------------------
+def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], batch_size: int,
+                   blend: str, out_channels: int, device: str, precision: str,
+                   fill_value: float | None) -> Any:
+    """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``."""
+    from engine.kernels.windows import window_view
+
+    *blocks, payload = args
+    xp = _namespace(blocks[0])
+    k = len(tile)
+    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
+    m_count = math.prod(others)
+    x = xp.stack([xp.asarray(b, dtype=xp.float32) for b in blocks], axis=len(others))
+    x = x.reshape(m_count, len(blocks), *ext)
+    if fill_value is not None:
+        x[xp.isnan(x)] = fill_value
+    counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
+    win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
+    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
+    weights = gaussian_weights(tile) if blend == "gaussian" else None
+    if weights is not None and xp is not np:
+        weights = xp.asarray(weights)
+    total = m_count * math.prod(counts)
+    dev, lock = _execution_context(device)
+    model = _get_model(payload, dev)
+    with torch.inference_mode():
+        for b0 in range(0, total, batch_size):
+            flat = np.arange(b0, min(total, b0 + batch_size))
+            idx = np.unravel_index(flat, (m_count, *counts))
+            batch = win[(idx[0], slice(None), *idx[1:])]  # (B, C, *tile), one copy
+            with lock, _autocast(dev, precision):
+                out = _forward(model, batch, dev, xp)
+            if out.ndim == k + 1 and out_channels == 1:
+                out = out[:, None]
+            if out.shape != (len(flat), out_channels, *tile):
+                raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
+                                   f"{tuple(batch.shape)}; expected (batch, {out_channels}, "
+                                   f"*{tile}): check out_channels= and the model")
+            if weights is not None:
+                out *= weights
+            for i in range(len(flat)):
+                sl = tuple(slice(int(w[i]) * s, int(w[i]) * s + t)
+                           for w, s, t in zip(idx[1:], stride, tile, strict=True))
+                acc[(int(idx[0][i]), slice(None), *sl)] += out[i]
+    wsum = _block_weight_sum(ext, tile, stride, blend)
+    acc /= wsum if xp is np else xp.asarray(wsum)
+    return acc.reshape(*others, out_channels, *ext)
+
+
+def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
+                    precision: str, fill_value: float | None) -> Any:
+    """One block per feature ``(*cells)`` -> ``(*cells, out)``; NaN rows skip the model."""
+    *blocks, payload = args
+    xp = _namespace(blocks[0])
+    shape = blocks[0].shape
+    x = xp.empty((math.prod(shape), len(blocks)), xp.float32)
+    for j, b in enumerate(blocks):
+        x[:, j] = b.reshape(-1)
+    if fill_value is not None:
+        x[xp.isnan(x)] = fill_value
+        rows = None
+    else:
+        valid = xp.isfinite(x).all(axis=1)
+        rows = None if bool(valid.all()) else xp.flatnonzero(valid)
+    out = xp.full((len(x), out_channels), xp.nan, xp.float32)
+    n = len(x) if rows is None else len(rows)
+    if n:
+        dev, lock = _execution_context(device)
+        model = _get_model(payload, dev)
+        with torch.inference_mode():
+            for b0 in range(0, n, batch_size):
+                sel = slice(b0, min(n, b0 + batch_size)) if rows is None else \
+                    rows[b0:b0 + batch_size]
+                batch = xp.ascontiguousarray(x[sel])
+                with lock, _autocast(dev, precision):
+                    y = _forward(model, batch, dev, xp)
+                out[sel] = y.reshape(len(batch), -1)
+    return out.reshape(*shape, out_channels)
+
+
+# -- graph construction -------------------------------------------------------------------
+def _inputs(obj: xr.Dataset | xr.DataArray, variables: Sequence[str] | None,
+            channel_dim: str | None) -> list[xr.DataArray]:
+    """One DataArray per input channel, all with the same dims in the same order."""
+    if isinstance(obj, xr.Dataset):
+        names = list(variables) if variables is not None else [str(v) for v in obj.data_vars]
+        missing = [v for v in names if v not in obj.data_vars]
+        if missing or not names:
+            raise CubeError(f"variables {missing or names} are not in the cube (it has "
+                            f"{list(obj.data_vars)}): pass variables= that exist")
+        arrays = [obj[v] for v in names]
+    else:
+        ch = channel_dim or next((d for d in _CHANNEL_NAMES if d in obj.dims), None)
+        if channel_dim is not None and channel_dim not in obj.dims:
+            raise CubeError(f"channel_dim {channel_dim!r} is not a dim of {obj.dims}")
+        arrays = [obj] if ch is None else [obj.isel({ch: i}, drop=True)
+                                           for i in range(obj.sizes[ch])]
+    dims = arrays[0].dims
+    for a in arrays[1:]:
+        if set(a.dims) != set(dims):
+            raise CubeError(f"input variables have different dims ({a.dims} vs {dims}): "
+                            "select variables on the same grid")
+    out = []
+    for a in arrays:
+        a = a.transpose(*dims)
+        out.append(a if isinstance(a.data, da.Array) else a.chunk())
+    return out
+
+
+def _aligned_chunks(chunks: Sequence[int], total: int, step: int, minimum: int) -> tuple:
+    """Chunks of ``total`` (a multiple of ``step``) with boundaries on multiples of ``step``,
+    each at least ``minimum``, as close as possible to the original boundaries."""
+    minimum = -(-max(step, minimum) // step) * step
+    out, last = [], 0
+    for b in np.cumsum(chunks)[:-1]:
+        r = int(round(b / step)) * step
+        if r - last >= minimum and total - r >= minimum:
+            out.append(r - last)
+            last = r
+    out.append(total - last)
+    return tuple(out)
+
+
+def _pad_end(x: da.Array, axis: int, width: int, pad_kw: dict) -> da.Array:
+    """Pad ``width`` at the end of ``axis``; a symmetric pad wider than the axis is applied
+    in steps (``da.pad`` would silently pad less)."""
+    while width > 0:
+        step = min(width, x.shape[axis]) if pad_kw["mode"] == "symmetric" else width
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, step)
+        x = da.pad(x, widths, **pad_kw)
+        width -= step
+    return x
+
+
+def _pad_kwargs(boundary: Any) -> tuple[dict, Any]:
+    """``da.pad`` arguments and the ``overlap`` boundary for ``boundary``."""
+    if boundary == "reflect":  # dask's reflect repeats the edge pixel: numpy's "symmetric"
+        return {"mode": "symmetric"}, "reflect"
+    if boundary == "nearest":
+        return {"mode": "edge"}, "nearest"
+    if boundary == "constant" or isinstance(boundary, (int, float)) and \
+            not isinstance(boundary, bool):
+        value = 0.0 if boundary == "constant" else float(boundary)
+        return {"mode": "constant", "constant_values": value}, value
+    raise SpecError(f"boundary={boundary!r}: use 'reflect', 'nearest', 'constant' or a number")
+
+
+def predict(
+    obj: xr.Dataset | xr.DataArray,
+    model: Any,
+    *,
+    variables: Sequence[str] | None = None,
+    tile: Mapping[str, int] | None = _DEFAULT_TILE,
+    overlap: float = 0.5,
+    batch_size: int | None = None,
+    blend: Literal["gaussian", "mean"] = "gaussian",
+    device: str = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    out_channels: int = 1,
+    output_name: str = "prediction",
+    boundary: Any = "reflect",
+    channel_dim: str | None = None,
+    fill_value: float | None = None,
+) -> xr.DataArray:
+    """Run a torch model blockwise over a cube; returns a lazy DataArray.
+
+    Parameters
+    ----------
+    obj
+        A Dataset (``variables`` are stacked as input channels) or a DataArray whose
+        channel dim is ``channel_dim`` (default: one of variable/channel/band/feature; a
+        DataArray without one is a single channel). Other dims (e.g. time) are iterated.
+    model
+        An ``nn.Module``; a TorchScript file path; or :class:`ModelSpec` /
+        ``(weights, architecture, kwargs)`` with a state_dict and a registered architecture.
+    tile
+        Window size per spatial dim. ``None`` or ``{}``: a per-pixel model mapping
+        ``(n, channels)`` to ``(n, out_channels)``.
+    overlap
+        Window overlap in ``[0, 1)``; stride ``= round(tile * (1 - overlap))``.
+    batch_size
+        Windows (or pixels) per model call; default config ``predict.tile-batch-size``
+        (32) for tiles and ``predict.batch-size`` for pixels.
+    blend
+        ``"gaussian"`` (sigma = tile/8) or ``"mean"`` weighting of overlapping windows.
+    device
+        ``"auto"`` (CUDA when the worker has it), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        ``"cuda"`` annotates the tasks with ``resources={"GPU": 1}``.
+    precision
+        ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+    out_channels
+        Model output channels; more than one adds a ``"channel"`` dim.
+    boundary
+        Padding at the true array edges: ``"reflect"``, ``"nearest"``, ``"constant"`` or a number.
+    fill_value
+        Replace NaN inputs by this value before the model. None: in pointwise mode NaN
+        pixels give NaN; in tiled mode NaN propagates through the model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from engine.testing.cubes import synthetic_cube
+    >>> ds = synthetic_cube({"time": 2, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    >>> net = torch.nn.Conv2d(3, 1, 3, padding=1)
+    >>> out = predict(ds, net, tile={"lat": 32, "lon": 32})
+    >>> out.dims, out.shape
+    (('time', 'lat', 'lon'), (2, 64, 64))
+    """
+    arrays = _inputs(obj, variables, channel_dim)
+    if precision not in _PRECISIONS:
+        raise SpecError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
+    if blend not in ("gaussian", "mean"):
+        raise SpecError(f"blend={blend!r}: use 'gaussian' or 'mean'")
+    if out_channels < 1:
+        raise SpecError(f"out_channels={out_channels} must be >= 1")
+    if not (device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps")):
+        raise SpecError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
+    payload = serialize_model(model)
+    # One key holds the model bytes; every block task references it.
+    payload_key = dask.delayed(payload, name=f"model-{payload.digest[:16]}", pure=True,
+                               traverse=False)
+    dims = arrays[0].dims
+    meta_x = arrays[0].data._meta
+    xp = _namespace(meta_x) if type(meta_x).__module__.startswith("cupy") else np
+    common = {"out_channels": int(out_channels), "device": device, "precision": precision,
+              "fill_value": fill_value}
+    gpu = device.startswith("cuda")
+    annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
+    attrs = {"engine_model_hash": payload.digest, "engine_model_format": payload.kind}
+
+    if not tile:
+        bs = int(config.get("predict.batch-size", batch_size))
+        data = [a.data for a in arrays]
+        with annotate:
+            y = da.map_blocks(_predict_points, *data, payload_key, new_axis=len(dims),
+                              chunks=data[0].chunks + ((out_channels,),), dtype=np.float32,
+                              meta=xp.empty((0,) * (len(dims) + 1), np.float32),
+                              name="predict-points", batch_size=bs, **common)
+        out_dims = list(dims) + [CHANNEL_DIM]
+        attrs["engine_predict"] = f"pointwise batch_size={bs}"
+    else:
+        unknown = [d for d in tile if d not in dims]
+        if unknown:
+            raise CubeError(f"tile dims {unknown} are not dims of the input {dims}")
+        if not 0 <= overlap < 1:
+            raise SpecError(f"overlap={overlap}: use a value in [0, 1)")
+        pad_kw, bnd = _pad_kwargs(boundary)
+        tile_dims = [d for d in dims if d in tile]
+        others = [d for d in dims if d not in tile]
+        size = tuple(int(tile[d]) for d in tile_dims)
+        stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
+        depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))
+        bs = int(batch_size or dask.config.get("engine.predict.tile-batch-size", 32))
+        k0 = len(others)
+        data = []
+        for a in arrays:
+            x = a.transpose(*others, *tile_dims).data
+            widths, target = [(0, 0)] * k0, list(x.chunks[:k0])
+            for j, (t, s, d) in enumerate(zip(size, stride, depth, strict=True)):
+                n = x.shape[k0 + j]
+                need = max((n - 1) // s * s + t, n)  # last window over a real pixel fits
+                padded = -(-need // s) * s
+                widths.append((0, padded - n))
+                target.append(_aligned_chunks(x.chunks[k0 + j], padded, s, d))
+            for ax, (_, w) in enumerate(widths):
+                x = _pad_end(x, ax, w, pad_kw)
+            data.append(x.rechunk(tuple(target)))
+        ov_depth = {k0 + j: d for j, d in enumerate(depth)}
+        ov_bnd = {k0 + j: bnd for j in range(len(size))}
+        ext = [da.overlap.overlap(x, depth=ov_depth, boundary=ov_bnd) for x in data]
+        chunks = ext[0].chunks[:k0] + ((out_channels,),) + ext[0].chunks[k0:]
+        with annotate:
+            y = da.map_blocks(_predict_tiles, *ext, payload_key, new_axis=k0, chunks=chunks,
+                              dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
+                              name="predict-tiles", tile=size, stride=stride, batch_size=bs,
+                              blend=blend, **common)
+        # trim with the SAME boundary as the overlap, else the outer halos stay (dask docs)
+        y_depth = {k0 + 1 + j: d for j, d in enumerate(depth)}
+        y_bnd = {k0 + 1 + j: bnd for j in range(len(size))}
+        y = da.overlap.trim_internal(y, y_depth, boundary=y_bnd)
+        y = y[(slice(None),) * (k0 + 1) + tuple(slice(0, arrays[0].sizes[d]) for d in tile_dims)]
+        out_dims = others + [CHANNEL_DIM] + tile_dims
+        attrs["engine_predict"] = (f"tile={dict(zip(tile_dims, size, strict=True))} stride="
+                                   f"{dict(zip(tile_dims, stride, strict=True))} blend={blend} "
+                                   f"boundary={boundary} batch_size={bs}")
+    if out_channels == 1:
+        ax = out_dims.index(CHANNEL_DIM)
+        y = y[(slice(None),) * ax + (0,)]
+        out_dims.remove(CHANNEL_DIM)
+    coords = {k: v for k, v in arrays[0].coords.items() if set(v.dims) <= set(out_dims)}
+    result = xr.DataArray(y, dims=out_dims, coords=coords, name=output_name, attrs=attrs)
+    order = [d for d in dims if d in out_dims]
+    if CHANNEL_DIM in out_dims:
+        at = order.index(tile_dims[0]) if tile else len(order)
+        order.insert(at, CHANNEL_DIM)
+    return result.transpose(*order)

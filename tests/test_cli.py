@@ -1,0 +1,128 @@
+"""Bad input: one line naming the field or file, exit code 2, no traceback, nothing written."""
+
+import copy
+import os
+import socket
+
+import pytest
+import yaml
+
+from engine._cli.main import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "gapfill.yaml")
+
+
+def write_job(tmp_path, mutate=None, name="job.yaml"):
+    data = yaml.safe_load(open(JOB))
+    data["input"]["catalog"] = os.path.join(ROOT, "catalogs", "demo.yaml")
+    data["output"]["url"] = str(tmp_path / "out" / "filled.zarr")
+    if mutate:
+        data = mutate(copy.deepcopy(data)) or data
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _set(path, value):
+    def f(d):
+        cur = d
+        for k in path[:-1]:
+            cur = cur[k]
+        cur[path[-1]] = value
+        return d
+
+    return f
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+BAD = {
+    "unknown key": (_set(("train", "epoch"), 3), "train.epoch"),
+    "wrong type": (_set(("train", "epochs"), "ten"), "train.epochs must be an integer"),
+    "missing catalog": (_set(("input", "catalog"), "/nonexistent/catalog.yaml"), "/nonexistent/catalog.yaml"),
+    "unknown entry": (_set(("input", "entry"), "coads_climatolgy"), "coads_climatolgy"),
+    "variable not in cube": (_set(("features",), ["AIRT", "PRECIP"]), "PRECIP"),
+    "dimension not in cube": (_set(("split", "blocks"), {"depth": 2, "lat": 10}), "depth"),
+    "block larger than cube": (_set(("split", "blocks"), {"lat": 500}), "larger than the cube"),
+    "test_fraction out of range": (_set(("split", "test_fraction"), 1.5), "split.test_fraction"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys):
+    mutate, words = BAD[case]
+    job = write_job(tmp_path, mutate)
+    code, out, err = run_cli(["run", job, "--cluster", "threads"], capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert words in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    # validate says the same
+    code, _, err2 = run_cli(["validate", job], capsys)
+    assert code == 2 and words in err2
+
+
+def test_missing_job_file(tmp_path, capsys):
+    code, _, err = run_cli(["run", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2 and "job file not found" in err
+
+
+def test_unreachable_scheduler(tmp_path, capsys):
+    job = write_job(tmp_path)
+    port = _free_port()
+    code, _, err = run_cli(["run", job, "--cluster", f"tcp://127.0.0.1:{port}"], capsys)
+    assert code == 2
+    assert f"127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_foreign_store_is_refused_and_untouched(tmp_path, capsys):
+    job = write_job(tmp_path)
+    store = tmp_path / "out" / "filled.zarr"
+    store.mkdir(parents=True)
+    (store / "precious.txt").write_text("do not delete")
+    code, _, err = run_cli(["run", job, "--cluster", "threads"], capsys)
+    assert code == 2
+    assert "--overwrite" in err
+    assert (store / "precious.txt").read_text() == "do not delete"
+    assert sorted(os.listdir(store)) == ["precious.txt"]
+
+
+def test_debug_shows_traceback(tmp_path):
+    job = write_job(tmp_path, _set(("train", "epochs"), "ten"))
+    from engine.errors import SpecError
+
+    with pytest.raises(SpecError):
+        main(["--debug", "validate", job])
+
+
+def test_catalog_list_and_show(capsys):
+    cat = os.path.join(ROOT, "catalogs", "demo.yaml")
+    code, out, _ = run_cli(["catalog", "list", cat], capsys)
+    assert code == 0 and "coads_climatology" in out
+    code, out, _ = run_cli(["catalog", "show", cat, "coads_climatology"], capsys)
+    assert code == 0
+    for words in ("SST", "AIRT", "lat", "chunks"):
+        assert words in out
+    code, _, err = run_cli(["catalog", "show", cat, "nope"], capsys)
+    assert code == 2 and "nope" in err
+
+
+def test_validate_ok(tmp_path, capsys):
+    code, out, _ = run_cli(["validate", write_job(tmp_path)], capsys)
+    assert code == 0 and out.startswith("ok:")

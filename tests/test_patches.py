@@ -1,0 +1,247 @@
+"""iter_patches: grid counts, coverage, padding, filtering, shuffling, sharding, memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+
+import dask
+import numpy as np
+import pytest
+
+from engine.errors import CubeError, EngineWarning, SpecError
+from engine.ops.patches import PatchBatch, iter_patches
+from engine.testing.cubes import synthetic_cube
+
+SHAPE = {"time": 3, "lat": 100, "lon": 130}
+SIZE = {"lat": 32, "lon": 32}
+
+
+def _pairs(it) -> dict[tuple, np.ndarray]:
+    out: dict[tuple, np.ndarray] = {}
+    for b in it:
+        for d, p in zip(b.data, b.positions, strict=True):
+            key = tuple(int(v) for v in p)
+            assert key not in out, f"patch {key} produced twice"
+            out[key] = np.array(d)
+    return out
+
+
+def _expected(ds, key, size=(32, 32), pad=None) -> np.ndarray:
+    t, i, j = key
+    out = []
+    for v in ds.data_vars:
+        a = ds[v].values[t]
+        if pad == "reflect":
+            a = np.pad(a, ((0, size[0]), (0, size[1])), mode="reflect")
+        elif pad is not None:
+            a = np.pad(a, ((0, size[0]), (0, size[1])), constant_values=pad)
+        out.append(a[i:i + size[0], j:j + size[1]])
+    return np.stack(out)
+
+
+class _NoCompute:
+    """A scheduler that fails: proves that building an iterator computes nothing."""
+
+    def __call__(self, dsk, keys, **kwargs):
+        raise AssertionError("dask computed while building the iterator")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cube():
+    return synthetic_cube(SHAPE, chunks={"lat": 37, "lon": 50})
+
+
+def test_n_windows_and_units_without_compute(cube):
+    with dask.config.set(scheduler=_NoCompute()):
+        it = iter_patches(cube, size=SIZE, stride=16, batch_size=10)
+        assert it.n_windows == 3 * 5 * 7
+        assert it.coverage["n_windows"] == it.n_windows
+        assert it.dims == ("time", "lat", "lon") and it.variables == ("t2m", "lst", "ndvi")
+    # one task per chunk holding window starts: lat chunks [0,37) [37,74) [74,100) hold
+    # starts {0,16,32} {48,64} {} and lon chunks [0,50) [50,100) [100,130) hold 4, 3, 0
+    assert it.n_units == 1 * 2 * 2
+
+
+@pytest.mark.parametrize("stride", [None, 16, 40])
+def test_every_window_once_with_the_right_content(cube, stride):
+    it = iter_patches(cube, size=SIZE, stride=stride, batch_size=7)
+    got = _pairs(it)
+    assert len(got) == it.n_windows
+    st = stride or 32
+    assert {k[1] for k in got} == set(range(0, 100 - 32 + 1, st))
+    for key in list(got)[::5]:
+        np.testing.assert_array_equal(got[key], _expected(cube, key))
+
+
+def test_batches_are_exact_and_typed(cube):
+    batches = list(iter_patches(cube, size=SIZE, stride=16, batch_size=8))
+    assert all(isinstance(b, PatchBatch) for b in batches)
+    assert [len(b) for b in batches[:-1]] == [8] * (len(batches) - 1)
+    assert 0 < len(batches[-1]) <= 8
+    b = batches[0]
+    assert b.data.dtype == np.float32 and b.data.shape[1:] == (3, 32, 32)
+    assert b.positions.dtype == np.int64 and b.positions.shape == (8, 3)
+
+
+def test_as_torch_yields_tensors(cube):
+    import torch
+
+    b = next(iter(iter_patches(cube, size=SIZE, batch_size=4, as_torch=True)))
+    assert isinstance(b.data, torch.Tensor) and b.data.dtype == torch.float32
+    assert isinstance(b.positions, torch.Tensor) and b.positions.dtype == torch.int64
+
+
+def test_partial_windows_reported_not_warned(cube):
+    it = iter_patches(cube, size=SIZE)
+    cov = it.report()  # no EngineWarning by default (the suite turns them into errors)
+    # lat: 100 -> 3 full + 1 partial; lon: 130 -> 4 full + 1 partial
+    assert cov["n_windows"] == 3 * 3 * 4
+    assert cov["n_partial_dropped"] == 3 * (4 * 5 - 3 * 4)
+    assert cov["uncovered_pixel_share"] == pytest.approx(1 - (96 / 100) * (128 / 130))
+    with pytest.warns(EngineWarning, match="partial edge windows"):
+        it.report(warn=True)
+
+
+@pytest.mark.parametrize("pad", ["reflect", 5.0])
+def test_pad_produces_edge_windows(cube, pad):
+    it = iter_patches(cube, size=SIZE, pad=pad, batch_size=16)
+    assert it.coverage["n_partial_dropped"] == 0 and it.coverage["uncovered_pixel_share"] == 0
+    got = _pairs(it)
+    assert len(got) == it.n_windows == 3 * 4 * 5
+    for key in [(0, 96, 128), (2, 96, 0), (1, 64, 128), (0, 0, 0)]:
+        np.testing.assert_array_equal(got[key], _expected(cube, key, pad=pad))
+
+
+def test_reflect_pad_reads_pixels_from_the_previous_chunk():
+    # the last lat chunk holds one row only: reflection needs rows of the chunk before
+    ds = synthetic_cube({"time": 1, "lat": 65, "lon": 32}, chunks={"lat": 64})
+    got = _pairs(iter_patches(ds, size={"lat": 32, "lon": 32}, pad="reflect"))
+    np.testing.assert_array_equal(got[(0, 64, 0)], _expected(ds, (0, 64, 0), pad="reflect"))
+
+
+def test_where_filters_inside_the_chunk_tasks():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 50}, nan_fraction=0.0005)
+    every = _pairs(iter_patches(ds, size=SIZE, stride=16))
+    clean = {k for k, v in every.items() if not np.isnan(v).any()}
+    assert 0 < len(clean) < len(every)
+    assert set(_pairs(iter_patches(ds, size=SIZE, stride=16, where="no-nan"))) == clean
+    lst_ok = {k for k, v in every.items() if not np.isnan(v[1]).any()}
+    assert set(_pairs(iter_patches(ds, size=SIZE, stride=16, where={"lst": "no-nan"}))) == lst_ok
+    high = {k for k, v in every.items() if v[0].mean() > 0}
+    assert set(_pairs(iter_patches(ds, size=SIZE, stride=16,
+                                   where=lambda d: d[:, 0].mean(axis=(1, 2)) > 0))) == high
+
+
+def test_where_centre_label():
+    ds = synthetic_cube({"time": 2, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    ds["label"] = (ds["t2m"] > 0.5).astype("float32")
+    every = _pairs(iter_patches(ds, size={"lat": 8, "lon": 8}, variables=["t2m", "label"]))
+    want = {k for k, v in every.items() if v[1, 4, 4] != 0}
+    got = _pairs(iter_patches(ds, size={"lat": 8, "lon": 8}, variables=["t2m", "label"],
+                              where={"label": "centre"}))
+    assert set(got) == want and 0 < len(want) < len(every)
+
+
+def test_shuffle_is_seeded_and_epoch_aware(cube):
+    def order(**kw):
+        it = iter_patches(cube, size=SIZE, stride=16, batch_size=9, shuffle=True, **kw)
+        return [tuple(p) for b in it for p in b.positions.tolist()]
+
+    a, b = order(seed=1, epoch=0), order(seed=1, epoch=0)
+    assert a == b
+    assert order(seed=1, epoch=1) != a
+    assert order(seed=2, epoch=0) != a
+    plain = [tuple(p) for b in iter_patches(cube, size=SIZE, stride=16)
+             for p in b.positions.tolist()]
+    assert sorted(a) == sorted(plain) and a != plain
+    it = iter_patches(cube, size=SIZE, stride=16, shuffle=True, seed=1)
+    it.set_epoch(1)
+    assert [tuple(p) for x in it for p in x.positions.tolist()] == order(seed=1, epoch=1)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_partition_an_epoch(cube, world):
+    full = set(_pairs(iter_patches(cube, size=SIZE, stride=16)))
+    seen: list[tuple] = []
+    for rank in range(world):
+        it = iter_patches(cube, size=SIZE, stride=16, shuffle=True, seed=3, shard=(rank, world))
+        seen += [tuple(p) for b in it for p in b.positions.tolist()]
+    assert len(seen) == len(set(seen)) and set(seen) == full
+
+
+def test_dataloader_workers_yield_each_patch_once():
+    from torch.utils.data import DataLoader
+
+    from engine.ml.patch_dataset import PatchDataset
+
+    ds = synthetic_cube({"time": 4, "lat": 64, "lon": 96}, chunks={"lat": 32, "lon": 32})
+    it = iter_patches(ds, size={"lat": 16, "lon": 16}, batch_size=10, shuffle=True)
+    loader = DataLoader(PatchDataset(it), batch_size=None, num_workers=2)
+    seen = [tuple(p) for x, pos in loader for p in pos.tolist()]
+    assert len(seen) == it.n_windows == len(set(seen))
+
+
+def test_same_patches_for_any_chunking():
+    def pairs(chunks):
+        ds = synthetic_cube(SHAPE, chunks=chunks)
+        return {k: v.tobytes() for k, v in
+                _pairs(iter_patches(ds, size=SIZE, stride=24, pad="reflect")).items()}
+
+    a = pairs({"time": 1})
+    assert a == pairs({"lat": 37, "lon": 23}) == pairs({"time": 3, "lat": 11, "lon": 130})
+
+
+def test_peak_memory_bounded_by_chunks_not_cube():
+    def peak(n_time):
+        ds = synthetic_cube({"time": n_time, "lat": 256, "lon": 256},
+                            chunks={"time": 1, "lat": 128, "lon": 128})
+        it = iter_patches(ds, size={"lat": 32, "lon": 32}, batch_size=64, prefetch=2)
+        tracemalloc.start()
+        n = sum(len(b) for b in it)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert n == it.n_windows
+        return top
+
+    small, large = peak(4), peak(16)
+    cube_large = 16 * 256 * 256 * 3 * 4
+    assert large < 1.5 * small and large < cube_large / 3
+
+
+def test_distributed_client_gives_the_same_patches(client):
+    ds = synthetic_cube({"time": 2, "lat": 64, "lon": 80}, chunks={"lat": 40, "lon": 30})
+    it = iter_patches(ds, size=SIZE, stride=16, pad="reflect", client=client, prefetch=3)
+    remote = _pairs(it)
+    assert len(remote) == it.n_windows
+    for key in remote:
+        np.testing.assert_array_equal(remote[key], _expected(ds, key, pad="reflect"))
+
+
+def test_bad_arguments_fail_with_one_line(cube):
+    with pytest.raises(CubeError, match="patch dims"):
+        iter_patches(cube, size={"x": 4})
+    with pytest.raises(CubeError, match="not in the cube"):
+        iter_patches(cube, size=SIZE, variables=["nope"])
+    with pytest.raises(SpecError, match="pad="):
+        iter_patches(cube, size=SIZE, pad="wrap")
+    with pytest.raises(SpecError, match="shard="):
+        iter_patches(cube, size=SIZE, shard=(2, 2))
+    with pytest.raises(CubeError, match="where="):
+        iter_patches(cube, size=SIZE, where={"label": "centre"})
+
+
+def test_ops_do_not_import_torch():
+    code = ("import sys, engine.ops.patches, engine.testing.cubes;"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,260 @@
+"""predict: halo blending, chunking invariance, pointwise path, model shipping and loading."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.errors import CubeError, SpecError
+from engine.ml.predict import ModelSpec, model_load_count, predict, serialize_model
+from engine.ml.registry import build_architecture, register_architecture
+from engine.testing.cubes import synthetic_cube
+
+SHAPE = {"time": 2, "lat": 90, "lon": 70}
+TILE = {"lat": 32, "lon": 32}
+
+
+class _NoCompute:
+    def __call__(self, dsk, keys, **kwargs):
+        raise AssertionError("dask computed while building the graph")
+
+
+def _identity_conv(channel: int = 1) -> nn.Module:
+    """3x3 conv that copies input channel ``channel``: exact even at tile borders."""
+    conv = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, channel, 1, 1] = 1.0
+    return conv
+
+
+class _NanGuard(nn.Module):
+    """Per-pixel linear model that refuses NaN input (NaN pixels must never reach it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(x).any():
+            raise RuntimeError("NaN reached the model")
+        return self.lin(x)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "mean"])
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+def test_identity_model_reproduces_the_input(blend, overlap):
+    ds = synthetic_cube(SHAPE, chunks={"lat": 40, "lon": 25})
+    out = predict(ds, _identity_conv(), tile=TILE, overlap=overlap, blend=blend)
+    assert out.dims == ("time", "lat", "lon") and out.shape == (2, 90, 70)
+    np.testing.assert_allclose(out.values, ds["lst"].values, rtol=0, atol=1e-5)
+    assert out.name == "prediction" and "engine_model_hash" in out.attrs
+    xr_coords = out.coords
+    np.testing.assert_array_equal(xr_coords["lat"].values, ds["lat"].values)
+
+
+def test_output_does_not_depend_on_chunking():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ELU(), nn.Conv2d(8, 2, 3, padding=1))
+    results = []
+    for chunks in ({"time": 1}, {"lat": 33, "lon": 17}, {"time": 2, "lat": 90, "lon": 70}):
+        ds = synthetic_cube(SHAPE, chunks=chunks)
+        out = predict(ds, net, tile=TILE, overlap=0.5, out_channels=2, batch_size=5)
+        assert out.dims == ("time", "channel", "lat", "lon")
+        v = out.values
+        assert not np.isnan(v).any()
+        results.append(v)
+    for v in results[1:]:
+        np.testing.assert_allclose(v, results[0], rtol=0, atol=1e-5)
+
+
+def test_tile_larger_than_the_array_and_odd_sizes():
+    ds = synthetic_cube({"time": 1, "lat": 20, "lon": 7}, chunks={})
+    for boundary in ("reflect", "nearest", 0.0):
+        out = predict(ds, _identity_conv(), tile={"lat": 32, "lon": 16}, overlap=0.75,
+                      boundary=boundary)
+        np.testing.assert_allclose(out.values, ds["lst"].values, rtol=0, atol=1e-5)
+
+
+def test_dataarray_with_a_channel_dim():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45})
+    arr = ds.to_dataarray("band").transpose("time", "lat", "lon", "band")
+    out = predict(arr, _identity_conv(2), tile=TILE)
+    np.testing.assert_allclose(out.values, ds["ndvi"].values, rtol=0, atol=1e-5)
+
+
+def test_predict_is_lazy():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 40})
+    with dask.config.set(scheduler=_NoCompute()):
+        out = predict(ds, _identity_conv(), tile=TILE)
+        point = predict(ds, nn.Linear(3, 1), tile=None)
+    assert out.chunks is not None and point.chunks is not None
+
+
+def test_pointwise_matches_the_model_and_keeps_nan():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 33, "lon": 40}, nan_fraction=0.05)
+    model = _NanGuard()
+    out = predict(ds, model, tile=None, batch_size=1000)
+    assert out.dims == ("time", "lat", "lon")
+    x = np.stack([ds[v].values for v in ds.data_vars], axis=-1)
+    with torch.no_grad():
+        ref = model.lin(torch.from_numpy(x.reshape(-1, 3))).numpy().reshape(out.shape)
+    v = out.values
+    np.testing.assert_array_equal(np.isnan(v), np.isnan(x).any(axis=-1))
+    np.testing.assert_allclose(v, ref, rtol=1e-6, atol=1e-6)
+    filled = predict(ds, model, tile=None, fill_value=0.0).values
+    assert not np.isnan(filled).any()
+
+
+def test_pointwise_multi_output_adds_a_channel_dim():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45})
+    out = predict(ds, nn.Linear(3, 4), tile={}, out_channels=4)
+    assert out.dims == ("time", "lat", "lon", "channel") and out.shape[-1] == 4
+
+
+def test_model_loaded_once_per_worker_process(client):
+    ds = synthetic_cube({"time": 6, "lat": 64, "lon": 64}, chunks={"time": 1, "lat": 32})
+    net = build_architecture("conv_net", in_channels=3, hidden=8, layers=2)
+    out = predict(ds, net, tile=TILE)
+    assert out.data.npartitions >= 12
+    before = client.run(model_load_count)
+    v = out.compute()
+    loads = client.run(model_load_count)
+    assert all(loads[w] - before[w] <= 1 for w in loads) and sum(loads.values()) >= 1
+    local = predict(ds, net, tile=TILE).compute(scheduler="threads")
+    np.testing.assert_allclose(v.values, local.values, rtol=0, atol=1e-5)
+
+
+def test_torchscript_file_and_state_dict_inputs(tmp_path):
+    torch.manual_seed(1)
+    net = build_architecture("conv_net", in_channels=3, hidden=4, layers=1, kernel_size=3)
+    ds = synthetic_cube({"time": 1, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    ref = predict(ds, net, tile=TILE).values
+
+    ts = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(net), str(ts))
+    np.testing.assert_allclose(predict(ds, str(ts), tile=TILE).values, ref, atol=1e-5)
+
+    sd = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), sd)
+    kwargs = {"in_channels": 3, "hidden": 4, "layers": 1, "kernel_size": 3}
+    for model in (ModelSpec(str(sd), "conv_net", kwargs), (sd.read_bytes(), "conv_net", kwargs),
+                  (net.state_dict(), "conv_net", kwargs)):
+        np.testing.assert_allclose(predict(ds, model, tile=TILE).values, ref, atol=1e-5)
+    assert serialize_model(ModelSpec(str(sd), "conv_net", kwargs)).kind == "state_dict"
+
+    with pytest.raises(SpecError, match="not a TorchScript"):
+        predict(ds, str(sd), tile=TILE)
+    with pytest.raises(SpecError, match="do not load"):
+        predict(ds, ModelSpec(str(sd), "conv_net", {"in_channels": 3, "hidden": 5}))
+    with pytest.raises(SpecError, match="not found"):
+        predict(ds, str(tmp_path / "missing.pt"))
+
+
+def test_custom_registered_architecture_and_unet():
+    @register_architecture("test_double", overwrite=True)
+    def double(in_channels: int) -> nn.Module:
+        conv = nn.Conv2d(in_channels, 1, 1, bias=False)
+        nn.init.constant_(conv.weight, 2.0 / in_channels)
+        return conv
+
+    ds = synthetic_cube({"time": 1, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    out = predict(ds, build_architecture("test_double", in_channels=3), tile=TILE).values
+    want = 2.0 * sum(ds[v].values for v in ds.data_vars) / 3
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-4)
+    unet = build_architecture("unet_small", in_channels=3, out_channels=2, base=4).eval()
+    res = predict(ds, unet, tile=TILE, out_channels=2)
+    assert res.shape == (1, 2, 64, 64) and np.isfinite(res.values).all()
+
+
+def test_model_bytes_appear_once_in_the_graph():
+    big = nn.Conv2d(3, 1, 1)
+    big.register_buffer("ballast", torch.zeros(1_000_000))  # 4 MB of weights
+    size = len(serialize_model(big).data)
+    ds = synthetic_cube({"time": 8, "lat": 64, "lon": 64}, chunks={"time": 1, "lat": 32})
+    for tile in (TILE, None):
+        out = predict(ds, big, tile=tile)
+        assert out.data.npartitions >= 16
+        graph = dict(out.data.__dask_graph__())
+        assert sum(k.startswith("model-") for k in map(str, graph)) == 1
+        assert len(cloudpickle.dumps(graph)) < size + 2_000_000
+
+
+def test_gpu_annotation_only_for_cuda():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45})
+    for device, want in (("cuda", {"GPU": 1}), ("cpu", None)):
+        out = predict(ds, _identity_conv(), tile=TILE, device=device)
+        layers = out.data.__dask_graph__().layers
+        ann = [lay.annotations for name, lay in layers.items() if name.startswith("predict-")]
+        assert ann and all((a or {}).get("resources") == want for a in ann)
+
+
+def test_bf16_autocast_on_cpu_stays_close_and_float32():
+    ds = synthetic_cube({"time": 1, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    ref = predict(ds, _identity_conv(), tile=TILE).values
+    out = predict(ds, _identity_conv(), tile=TILE, precision="bf16")
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.values, ref, rtol=2e-2, atol=0.1)
+
+
+def test_bad_arguments():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45})
+    with pytest.raises(CubeError, match="tile dims"):
+        predict(ds, _identity_conv(), tile={"x": 8})
+    with pytest.raises(SpecError, match="boundary"):
+        predict(ds, _identity_conv(), boundary="wrap")
+    with pytest.raises(SpecError, match="overlap"):
+        predict(ds, _identity_conv(), overlap=1.0)
+    with pytest.raises(SpecError, match="model of type"):
+        predict(ds, object())
+    with pytest.raises(CubeError, match="not in the cube"):
+        predict(ds, _identity_conv(), variables=["nope"])
+
+
+def test_wrong_out_channels_is_a_clear_task_error():
+    ds = synthetic_cube({"time": 1, "lat": 32, "lon": 32}, chunks={})
+    with pytest.raises(RuntimeError, match="out_channels"):
+        predict(ds, _identity_conv(), tile=TILE, out_channels=3).compute()
+
+
+@pytest.mark.gpu
+def test_cupy_blocks_stay_on_the_gpu():
+    cupy = pytest.importorskip("cupy")
+    import dask.array as da
+    import xarray as xr
+
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45}).compute()
+    gpu = xr.Dataset({v: (ds[v].dims, da.from_array(cupy.asarray(ds[v].values), chunks=(1, 45, 70),
+                                                    asarray=False)) for v in ds.data_vars})
+    out = predict(gpu, _identity_conv().cuda(), tile=TILE, device="cuda")
+    assert type(out.data._meta).__module__.startswith("cupy")
+    v = out.data.compute(scheduler="sync")
+    assert isinstance(v, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(v), ds["lst"].values, atol=1e-3)
+
+
+def test_serialized_module_round_trip():
+    net = nn.Sequential(nn.Linear(3, 2))
+    p = serialize_model(net)
+    assert p.kind == "module" and p.digest == serialize_model(net).digest
+    loaded = torch.load(io.BytesIO(p.data), weights_only=False)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(loaded(x), net(x))
