@@ -6,12 +6,16 @@
     computed with the default local (threaded) scheduler.
 ``model loop (tiled)``
     the same model called in a plain loop on pre-cut float32 batches: the same number
-    of tiles predict runs (halo windows included) and the same batch size.
+    of tiles predict runs and the same batch size (one chunk per image, so predict runs
+    exactly the global grid; with smaller chunks the windows shared by two blocks' halos
+    run twice).
 ``predict (pointwise)`` / ``model loop (pointwise)``
     the per-pixel path of the gap-filling job: an MLP on every pixel vs the same MLP
     on a pre-stacked ``(pixels, features)`` array in batches of the same size.
 
-The ratio ``loop seconds / predict seconds`` is the share of the model's own speed that
+Runs alternate (predict, loop, predict, ...) and the ratio is the median of the
+per-round ratios, so load from other processes hits both sides. The ratio
+``loop seconds / predict seconds`` is the share of the model's own speed that
 predict keeps (target >= 0.9). Run ``python benchmarks/bench_predict.py [tiny|default|large]``;
 JSON goes to ``benchmarks/results/``.
 """
@@ -19,7 +23,6 @@ JSON goes to ``benchmarks/results/``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.kernels.windows import blend_depth
+from engine.kernels.windows import n_covering_windows
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture
 from engine.testing.cubes import synthetic_cube
@@ -40,28 +43,24 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"shape": (2, 128, 128), "hidden": 8, "layers": 2, "tile": 32, "batch": 16,
              "pixels": (2, 128, 128), "repeats": 1},
     "default": {"shape": (4, 256, 256), "hidden": 32, "layers": 3, "tile": 64, "batch": 32,
-                "pixels": (8, 512, 512), "repeats": 3},
+                "pixels": (8, 512, 512), "repeats": 5},
     "large": {"shape": (8, 512, 512), "hidden": 64, "layers": 3, "tile": 64, "batch": 32,
               "pixels": (16, 1024, 1024), "repeats": 3},
 }
 VARIABLES = ("t2m", "lst", "ndvi")
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _paired(a, b, repeats: int) -> tuple[float, float, float]:
+    """Interleave ``a`` and ``b`` ``repeats`` times: median seconds of each and the median
+    of the per-round ratios ``t_b / t_a`` (robust to load from other processes)."""
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _tiles_run_by_predict(n: int, tile: int, stride: int) -> int:
-    """Windows predict runs along one axis of a one-chunk image (halo windows included)."""
-    need = max((n - 1) // stride * stride + tile, n)
-    padded = -(-need // stride) * stride
-    ext = padded + 2 * blend_depth(tile, stride)
-    return (ext - tile) // stride + 1
+        for fn, acc in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    ratio = statistics.median(y / x for x, y in zip(ta, tb, strict=True))
+    return statistics.median(ta), statistics.median(tb), ratio
 
 
 def _bench_tiled(cfg: dict) -> dict[str, Any]:
@@ -75,10 +74,9 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
                                layers=cfg["layers"], kernel_size=3).eval()
     out = predict(ds, model, tile={"lat": tile, "lon": tile}, overlap=0.5, batch_size=batch)
     out.data.compute()  # warm-up: model load into the process cache, thread pools
-    t_predict = _median_time(lambda: out.data.compute(), reps)
 
-    n_tiles = t * _tiles_run_by_predict(h, tile, stride) * _tiles_run_by_predict(w, tile, stride)
-    unique = t * math.ceil(h / stride) * math.ceil(w / stride)
+    # one chunk per image: predict runs exactly the global grid (no shared halo windows)
+    n_tiles = t * n_covering_windows(h, tile, stride) * n_covering_windows(w, tile, stride)
     x = np.random.default_rng(0).random((n_tiles, 3, tile, tile), dtype=np.float32)
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -88,16 +86,16 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
                 model(torch.from_numpy(x[b0:b0 + batch]))
 
     loop()
-    t_loop = _median_time(loop, reps)
+    t_predict, t_loop, ratio = _paired(lambda: out.data.compute(), loop, reps)
     return {
         "cube": {"shape": cfg["shape"], "chunks": [1, h, w], "variables": len(VARIABLES)},
         "model": f"conv_net hidden={cfg['hidden']} layers={cfg['layers']} kernel=3",
         "tile": tile, "stride": stride, "batch_size": batch,
-        "tiles_run": n_tiles, "grid_tiles": unique,
+        "tiles_run": n_tiles,
         "predict_s": t_predict, "loop_s": t_loop,
         "predict_tiles_per_s": n_tiles / t_predict, "loop_tiles_per_s": n_tiles / t_loop,
         "output_px_per_s": t * h * w / t_predict,
-        "ratio": t_loop / t_predict,
+        "ratio": ratio,
     }
 
 
@@ -112,7 +110,6 @@ def _bench_pointwise(cfg: dict) -> dict[str, Any]:
     batch = 4096
     out = predict(ds, mlp, tile=None, batch_size=batch)
     out.data.compute()
-    t_predict = _median_time(lambda: out.data.compute(), reps)
     x = np.stack([ds[v].values.reshape(-1) for v in VARIABLES], axis=1)
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -122,11 +119,11 @@ def _bench_pointwise(cfg: dict) -> dict[str, Any]:
                 mlp(torch.from_numpy(x[b0:b0 + batch]))
 
     loop()
-    t_loop = _median_time(loop, reps)
+    t_predict, t_loop, ratio = _paired(lambda: out.data.compute(), loop, reps)
     n = t * h * w
     return {"pixels": n, "batch_size": batch, "model": "MLP 3-64-64-1",
             "predict_s": t_predict, "loop_s": t_loop, "predict_px_per_s": n / t_predict,
-            "loop_px_per_s": n / t_loop, "ratio": t_loop / t_predict}
+            "loop_px_per_s": n / t_loop, "ratio": ratio}
 
 
 def run(size: str = "default") -> dict[str, Any]:
@@ -141,6 +138,7 @@ def run(size: str = "default") -> dict[str, Any]:
     return {
         "benchmark": "predict", "size": size, "device": "cpu",
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                    "load_average_1min": os.getloadavg()[0],
                     "python": platform.python_version(), "platform": platform.platform()},
         "tiled": tiled, "pointwise": point,
         "ratios": {"tiled": tiled["ratio"], "pointwise": point["ratio"]},
@@ -153,7 +151,7 @@ def _print(res: dict[str, Any]) -> None:
     print(f"predict benchmark ({res['size']}, CPU, {res['machine']['cpus']} cores)")
     print(f"tiled: cube {t['cube']['shape']} x {t['cube']['variables']} vars, {t['model']}, "
           f"tile {t['tile']} stride {t['stride']}, batch {t['batch_size']}: "
-          f"{t['tiles_run']} tiles run ({t['grid_tiles']} on the global grid)")
+          f"{t['tiles_run']} tiles (the global grid)")
     print(f"{'method':28s} {'seconds':>9s} {'items/s':>12s}")
     print(f"{'predict (tiled)':28s} {t['predict_s']:9.3f} {t['predict_tiles_per_s']:12.1f}")
     print(f"{'model loop (tiled)':28s} {t['loop_s']:9.3f} {t['loop_tiles_per_s']:12.1f}")

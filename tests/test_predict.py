@@ -258,3 +258,18 @@ def test_serialized_module_round_trip():
     loaded = torch.load(io.BytesIO(p.data), weights_only=False)
     x = torch.randn(4, 3)
     torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_benchmark_runs_on_the_tiny_size():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_predict.py"
+    spec = importlib.util.spec_from_file_location("bench_predict", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    res = mod.run("tiny")
+    assert torch.get_num_threads() == threads
+    assert res["tiled"]["tiles_run"] == 2 * 7 * 7
+    assert res["tiled"]["ratio"] > 0 and res["pointwise"]["pixels"] == 2 * 128 * 128

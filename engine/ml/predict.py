@@ -3,14 +3,15 @@
 Two modes share one model-shipping and loading scheme.
 
 *Tiled* (``tile={"lat": 64, "lon": 64}``): a global window grid (tile ``T``, stride
-``S = T * (1 - overlap)``) anchored at index 0; the array is padded at its true far edges
-to a multiple of ``S``, rechunked so chunk boundaries are multiples of ``S``, and every
-block gets a halo of ``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` with an explicit
-boundary, trimmed with the same boundary). Inside a block the windows are cut as strided
-views, run through the model in batches and blended with a Gaussian importance map
-(sigma = T/8, weights > 0) normalised by the summed weights in float32. Every window that
-covers a pixel lies inside that pixel's halo-extended block, so the output does not
-depend on the chunking.
+``S = T * (1 - overlap)``) anchored at index 0. The array is padded past its far edges
+(``boundary``: reflect, nearest or a constant) just enough for the fewest grid windows
+that cover every pixel, rechunked so internal chunk boundaries are multiples of ``S``, and blocks
+share halos of ``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` and ``trim_internal``
+with the same explicit boundary, ``"none"`` at the true edges, so no window off the grid
+is ever run). Inside a block the windows are cut as strided views, run through the model
+in batches and blended with a Gaussian importance map (sigma = T/8, weights > 0)
+normalised by the summed weights in float32. Every window that covers a pixel lies
+inside that pixel's halo-extended block, so the output does not depend on the chunking.
 
 *Pointwise* (``tile=None``): a per-pixel model ``(n, features) -> (n, out)``, one
 ``map_blocks`` task per chunk, one model call per ``batch_size`` valid pixels; pixels
@@ -50,7 +51,13 @@ from torch import nn
 
 from engine import config
 from engine.errors import CubeError, SpecError
-from engine.kernels.windows import blend_depth, gaussian_weights, grid_starts, weight_sum
+from engine.kernels.windows import (
+    blend_depth,
+    gaussian_weights,
+    grid_starts,
+    n_covering_windows,
+    weight_sum,
+)
 
 __all__ = ["predict", "ModelSpec", "model_load_count", "clear_model_cache", "CHANNEL_DIM"]
 
@@ -424,8 +431,8 @@ def _inputs(obj: xr.Dataset | xr.DataArray, variables: Sequence[str] | None,
 
 
 def _aligned_chunks(chunks: Sequence[int], total: int, step: int, minimum: int) -> tuple:
-    """Chunks of ``total`` (a multiple of ``step``) with boundaries on multiples of ``step``,
-    each at least ``minimum``, as close as possible to the original boundaries."""
+    """Chunks of ``total`` with internal boundaries on multiples of ``step``, each chunk at
+    least ``minimum``, as close as possible to the original boundaries."""
     minimum = -(-max(step, minimum) // step) * step
     out, last = [], 0
     for b in np.cumsum(chunks)[:-1]:
@@ -449,16 +456,16 @@ def _pad_end(x: da.Array, axis: int, width: int, pad_kw: dict) -> da.Array:
     return x
 
 
-def _pad_kwargs(boundary: Any) -> tuple[dict, Any]:
-    """``da.pad`` arguments and the ``overlap`` boundary for ``boundary``."""
-    if boundary == "reflect":  # dask's reflect repeats the edge pixel: numpy's "symmetric"
-        return {"mode": "symmetric"}, "reflect"
+def _pad_kwargs(boundary: Any) -> dict:
+    """``da.pad`` arguments for the padding past the far edges."""
+    if boundary == "reflect":  # repeat the edge pixel, like dask's overlap "reflect"
+        return {"mode": "symmetric"}
     if boundary == "nearest":
-        return {"mode": "edge"}, "nearest"
+        return {"mode": "edge"}
     if boundary == "constant" or isinstance(boundary, (int, float)) and \
             not isinstance(boundary, bool):
         value = 0.0 if boundary == "constant" else float(boundary)
-        return {"mode": "constant", "constant_values": value}, value
+        return {"mode": "constant", "constant_values": value}
     raise SpecError(f"boundary={boundary!r}: use 'reflect', 'nearest', 'constant' or a number")
 
 
@@ -508,7 +515,8 @@ def predict(
     out_channels
         Model output channels; more than one adds a ``"channel"`` dim.
     boundary
-        Padding at the true array edges: ``"reflect"``, ``"nearest"``, ``"constant"`` or a number.
+        Content of the padding past the far array edges that the last windows need:
+        ``"reflect"``, ``"nearest"``, ``"constant"`` (zeros) or a number.
     fill_value
         Replace NaN inputs by this value before the model. None: in pointwise mode NaN
         pixels give NaN; in tiled mode NaN propagates through the model.
@@ -561,7 +569,7 @@ def predict(
             raise CubeError(f"tile dims {unknown} are not dims of the input {dims}")
         if not 0 <= overlap < 1:
             raise SpecError(f"overlap={overlap}: use a value in [0, 1)")
-        pad_kw, bnd = _pad_kwargs(boundary)
+        pad_kw = _pad_kwargs(boundary)
         tile_dims = [d for d in dims if d in tile]
         others = [d for d in dims if d not in tile]
         size = tuple(int(tile[d]) for d in tile_dims)
@@ -575,15 +583,17 @@ def predict(
             widths, target = [(0, 0)] * k0, list(x.chunks[:k0])
             for j, (t, s, d) in enumerate(zip(size, stride, depth, strict=True)):
                 n = x.shape[k0 + j]
-                need = max((n - 1) // s * s + t, n)  # last window over a real pixel fits
-                padded = -(-need // s) * s
+                # pad for the fewest grid windows that cover every real pixel, no further
+                padded = max(n, (n_covering_windows(n, t, s) - 1) * s + t)
                 widths.append((0, padded - n))
                 target.append(_aligned_chunks(x.chunks[k0 + j], padded, s, d))
             for ax, (_, w) in enumerate(widths):
                 x = _pad_end(x, ax, w, pad_kw)
             data.append(x.rechunk(tuple(target)))
+        # Halos only between blocks ("none" at the true edges): the grid starts at 0 and
+        # the padding above holds its last window, so no off-grid window is ever run.
         ov_depth = {k0 + j: d for j, d in enumerate(depth)}
-        ov_bnd = {k0 + j: bnd for j in range(len(size))}
+        ov_bnd = dict.fromkeys(ov_depth, "none")
         ext = [da.overlap.overlap(x, depth=ov_depth, boundary=ov_bnd) for x in data]
         chunks = ext[0].chunks[:k0] + ((out_channels,),) + ext[0].chunks[k0:]
         with annotate:
@@ -593,7 +603,7 @@ def predict(
                               blend=blend, **common)
         # trim with the SAME boundary as the overlap, else the outer halos stay (dask docs)
         y_depth = {k0 + 1 + j: d for j, d in enumerate(depth)}
-        y_bnd = {k0 + 1 + j: bnd for j in range(len(size))}
+        y_bnd = dict.fromkeys(y_depth, "none")
         y = da.overlap.trim_internal(y, y_depth, boundary=y_bnd)
         y = y[(slice(None),) * (k0 + 1) + tuple(slice(0, arrays[0].sizes[d]) for d in tile_dims)]
         out_dims = others + [CHANNEL_DIM] + tile_dims

@@ -1,0 +1,86 @@
+"""The gap-filling job end to end on the real demo cube (default tier), on a real
+multi-process LocalCluster, through the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from engine._cli.main import main
+from engine.io.writer import read_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_file(tmp_path, name, **changes):
+    data = yaml.safe_load(open(os.path.join(ROOT, "jobs", name)))
+    data["input"]["catalog"] = os.path.join(ROOT, "catalogs", "demo.yaml")
+    data["output"]["url"] = str(tmp_path / "out" / "filled.zarr")
+    for k, v in changes.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    p = tmp_path / f"job-{name}"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlp")
+    job = job_file(tmp, "gapfill.yaml")
+    report = str(tmp / "report.html")
+    assert main(["run", job, "--cluster", "local", "--n-workers", "2", "--quiet",
+                 "--report", report]) == 0
+    return tmp, job
+
+
+def test_mlp_beats_least_squares_and_mean(mlp_run):
+    tmp, _ = mlp_run
+    m = json.load(open(tmp / "out" / "metrics.json"))
+    t = m["test"]
+    assert t["model"]["rmse"] < t["ols"]["rmse"] < t["train_mean"]["rmse"]
+    assert m["comparison"]["model_beats_ols"] and m["comparison"]["model_beats_train_mean"]
+    assert t["model"]["n_missing_predictions"] == 0
+    assert t["model"]["r2"] > 0.98
+
+
+def test_output_store_contents_and_provenance(mlp_run):
+    tmp, _ = mlp_run
+    ds = xr.open_zarr(tmp / "out" / "filled.zarr")
+    for v in ("SST", "SST_predicted", "SST_filled", "filled_flag", "split", "ocean_mask"):
+        assert v in ds
+    sst, filled, flag = ds.SST.values, ds.SST_filled.values, ds.filled_flag.values
+    obs = np.isfinite(sst)
+    np.testing.assert_array_equal(filled[obs], sst[obs])  # observed values untouched
+    assert flag.sum() > 1000 and np.isfinite(filled[flag == 1]).all()
+    assert not (flag.astype(bool) & (ds.ocean_mask.values[None] == 0)).any()
+    for key in ("engine_job_spec", "engine_code_version", "engine_model_hash", "engine_seed",
+                "engine_split", "engine_catalog", "engine_catalog_entry"):
+        assert key in ds.attrs, key
+    split = json.loads(ds.attrs["engine_split"])
+    assert split["split_seed"] == 0 and split["split_n_test_blocks"] > 0
+    for f in ("metrics.json", "map.png", "loss.png", "best.pt"):
+        assert (tmp / "out" / f).stat().st_size > 0
+    assert (tmp / "report.html").exists() and (tmp / "report.html.json").exists()
+
+
+def test_rerun_resumes_without_recomputing(mlp_run, capsys):
+    tmp, job = mlp_run
+    before = read_manifest(str(tmp / "out" / "filled.zarr"))
+    assert main(["run", job, "--cluster", "threads", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the trained model" in out
+    assert "regions written 0" in out
+    assert read_manifest(str(tmp / "out" / "filled.zarr")).keys() == before.keys()
+
+
+def test_linear_matches_least_squares(tmp_path):
+    job = job_file(tmp_path, "gapfill-linear.yaml")
+    assert main(["run", job, "--cluster", "threads", "--quiet"]) == 0
+    m = json.load(open(tmp_path / "out" / "metrics.json"))
+    t = m["test"]
+    assert abs(t["model"]["rmse"] / t["ols"]["rmse"] - 1) <= 0.02
+    assert t["model"]["rmse"] < t["train_mean"]["rmse"] / 5
+    assert m["comparison"]["model_within_2pct_of_ols"]
