@@ -218,6 +218,7 @@ def clear_model_cache() -> None:
 def _load(payload: _Payload, device: torch.device) -> nn.Module:
     buf = io.BytesIO(payload.data)
     if payload.kind == "state_dict":
+        assert payload.factory is not None
         model = payload.factory(**dict(payload.kwargs))
         model.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
     elif payload.kind == "torchscript":
@@ -281,10 +282,9 @@ def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractCo
 
 
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = _PRECISIONS[precision]
-    if dtype == "auto":
-        dtype = torch.bfloat16 if dev.type == "cuda" else None
-    if dtype is None:
+    choice = _PRECISIONS[precision]
+    dtype = (torch.bfloat16 if dev.type == "cuda" else None) if choice == "auto" else choice
+    if not isinstance(dtype, torch.dtype):
         return contextlib.nullcontext()
     return torch.autocast(dev.type, dtype=dtype)
 
@@ -552,6 +552,7 @@ def predict(
     gpu = device.startswith("cuda")
     annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
     attrs = {"engine_model_hash": payload.digest, "engine_model_format": payload.kind}
+    out_dims: list[Any]
 
     if not tile:
         bs = int(config.get("predict.batch-size", batch_size))
@@ -570,8 +571,8 @@ def predict(
         if not 0 <= overlap < 1:
             raise SpecError(f"overlap={overlap}: use a value in [0, 1)")
         pad_kw = _pad_kwargs(boundary)
-        tile_dims = [d for d in dims if d in tile]
-        others = [d for d in dims if d not in tile]
+        tile_dims = [str(d) for d in dims if d in tile]
+        others = [str(d) for d in dims if d not in tile]
         size = tuple(int(tile[d]) for d in tile_dims)
         stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
         depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))

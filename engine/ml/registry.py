@@ -89,5 +89,6 @@ def build_architecture(name: str, **kwargs: Any) -> nn.Module:
     :func:`engine.ml.predict.predict` can ship it as weights plus architecture.
     """
     module = get_architecture(name)(**kwargs)
-    module._engine_architecture = (name, dict(kwargs))
+    # object.__setattr__: plain metadata, not a submodule/parameter for nn.Module to track
+    object.__setattr__(module, "_engine_architecture", (name, dict(kwargs)))
     return module

@@ -269,7 +269,7 @@ class PatchIterator:
         if where == "no-nan":
             return _Where([(None, "no-nan")])
         if isinstance(where, Mapping):
-            rules = []
+            rules: list[tuple[int | None, str]] = []
             for var, rule in where.items():
                 if var not in self.variables:
                     raise CubeError(f"where= names {var!r}, which is not one of the patch "

@@ -38,12 +38,14 @@ def _block(shape: tuple[int, ...], var: int, seed: int, nan_fraction: float,
             field = field + 0.5 * np.sin(2 * np.pi * ix / 12.0 + phase)
         else:
             field = field + np.cos(2 * np.pi * (var + 1) * ix / n + phase * (d + 1))
-    flat = sum(ix * int(np.prod(full[d + 1:], dtype=np.int64)) for d, ix in enumerate(idx))
-    noise = uniform_from_index(seed, np.int64(var), flat)
+    flat = np.asarray(sum(ix * int(np.prod(full[d + 1:], dtype=np.int64))
+                          for d, ix in enumerate(idx)))
+    key = np.asarray(var, np.int64)
+    noise = uniform_from_index(seed, key, flat)
     field = field + 0.3 * (noise - 0.5) + 10.0 * var
     out = field.astype(np.float32)
     if nan_fraction > 0:
-        gap = uniform_from_index(seed + 7919, np.int64(var), flat) < nan_fraction
+        gap = uniform_from_index(seed + 7919, key, flat) < nan_fraction
         out[np.broadcast_to(gap, out.shape)] = np.nan
     return out
 
