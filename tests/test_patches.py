@@ -247,16 +247,20 @@ def test_ops_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_benchmark_runs_on_the_tiny_size():
-    import importlib.util
-    from pathlib import Path
+def test_benchmark_figures_on_the_tiny_size():
+    from benchmarks import bench_patches as mod
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_patches.py"
-    spec = importlib.util.spec_from_file_location("bench_patches", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     res = mod.run("tiny")
     assert [r["name"] for r in res["rows"]][0] == "iter_patches"
     assert res["cube"]["n_patches"] == 2 * 8 * 8
     assert all(r["mb_per_s"] > 0 for r in res["rows"])
     assert res["ratios"]["vs_xbatcher"] > 5  # typically > 100; loose for loaded CI machines
+
+
+def test_dataarray_channel_dim_becomes_patch_channels(cube):
+    arr = cube.to_dataarray("band")
+    it = iter_patches(arr, size=SIZE, batch_size=5)
+    assert it.variables == ("t2m", "lst", "ndvi") and it.dims == ("time", "lat", "lon")
+    got = _pairs(it)
+    key = next(iter(got))
+    np.testing.assert_array_equal(got[key], _expected(cube, key))

@@ -35,7 +35,7 @@ def client():
             mp.delenv(name)  # workers inherit this environment: keep credentials out
         with (
             distributed.LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
             ) as cluster,
             distributed.Client(cluster) as c,
         ):

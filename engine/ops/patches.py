@@ -25,7 +25,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import dask
@@ -39,6 +39,7 @@ from engine.kernels.windows import WindowGrid, window_view
 
 __all__ = ["iter_patches", "PatchIterator", "PatchBatch"]
 
+_CHANNEL_DIMS = ("variable", "channel", "band", "feature")
 WhereLike = Callable[[np.ndarray], np.ndarray] | str | Mapping[str, str] | None
 PadLike = Literal["reflect", "constant"] | float | None
 
@@ -207,8 +208,10 @@ class PatchIterator:
                  pad: PadLike, as_torch: bool, shard: tuple[int, int] | None, client: Any,
                  prefetch: int | None, shuffle_buffer: int | None) -> None:
         if isinstance(ds, xr.DataArray):
-            ds = ds.to_dataset(name=ds.name or "data")
-        names = list(variables) if variables is not None else [str(v) for v in ds.data_vars]
+            ch = next((d for d in _CHANNEL_DIMS if d in ds.dims), None)
+            # a channel-like dim becomes the patch channels, one variable per label
+            ds = ds.to_dataset(dim=ch) if ch else ds.to_dataset(name=ds.name or "data")
+        names = list(variables) if variables is not None else list(ds.data_vars)
         missing = [v for v in names if v not in ds.data_vars]
         if missing or not names:
             raise CubeError(f"variables {missing or names} are not in the cube (it has "
@@ -261,6 +264,7 @@ class PatchIterator:
                         for a in arrays]
         self._axes = self._plan_axes()
         self._dsk: dict | None = None
+        self._plans: dict[int, tuple[_Unit, list, dict]] = {}
 
     # -- plan ---------------------------------------------------------------------------
     def _resolve_where(self, where: WhereLike) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -397,6 +401,7 @@ class PatchIterator:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_dsk"] = None  # rebuilt where it is used (e.g. in a DataLoader worker)
+        state["_plans"] = {}
         state["_client"] = None
         return state
 
@@ -412,28 +417,38 @@ class PatchIterator:
             order = order[worker[0]::worker[1]]
         return [int(u) for u in order]
 
+    def _planned(self, number: int) -> tuple[_Unit, list, dict]:
+        """Unit payload, source keys and culled source graph of unit ``number`` (cached:
+        epochs only change the shuffle seed)."""
+        hit = self._plans.get(number)
+        if hit is None:
+            from dask.optimization import cull
+
+            unit, keys = self._unit(number)
+            sub, _ = cull(self._graph(), keys)
+            hit = self._plans[number] = (unit, keys, sub)
+        unit, keys, sub = hit
+        if unit.epoch != self.epoch:
+            unit = replace(unit, epoch=self.epoch)
+        return unit, keys, sub
+
     def _compute_local(self, number: int) -> tuple[np.ndarray, np.ndarray]:
         from dask.core import get
-        from dask.optimization import cull
 
-        unit, keys = self._unit(number)
-        sub, _ = cull(self._graph(), keys)
-        values = get(sub, list(keys))
-        return _cut_unit(unit, *values)
+        unit, keys, sub = self._planned(number)
+        return _cut_unit(unit, *get(sub, list(keys)))
 
     def _delayed(self, number: int) -> Any:
         from dask.delayed import Delayed
-        from dask.optimization import cull
 
-        unit, keys = self._unit(number)
-        sub, _ = cull(self._graph(), keys)
+        unit, keys, sub = self._planned(number)
         name = "patches-" + dask.base.tokenize(self.variables, self.size, self.stride, unit)
-        sub[name] = (_cut_unit, unit, *keys)
-        return Delayed(name, sub)
+        return Delayed(name, {**sub, name: (_cut_unit, unit, *keys)})
 
     def _results(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Unit results in ``order``, with ``prefetch`` units in flight."""
         client = None if _in_dataloader_worker() else _active_client(self._client)
+        self._graph()  # build once here, not racing in the pool threads
         pending: deque = deque()
         it = iter(order)
         if client is not None:
@@ -550,7 +565,8 @@ def iter_patches(
     Parameters
     ----------
     ds
-        Cube; all selected variables must share their dims.
+        Cube; all selected variables must share their dims. A DataArray with a
+        variable/channel/band/feature dim gives one channel per label along it.
     size
         Patch size per dim (default ``{"lat": 64, "lon": 64}``). Dims not listed (e.g.
         time) are iterated: each patch is one index along them.

@@ -77,7 +77,7 @@ def synthetic_cube(
     --------
     >>> ds = synthetic_cube({"time": 2, "lat": 8, "lon": 16}, chunks={"lat": 4})
     >>> ds["t2m"].data.chunks
-    ((1, 1), (4, 4), (16,))
+    ((2,), (4, 4), (16,))
     """
     shape = dict(shape or {TIME: 8, LAT: 64, LON: 128})
     if chunks is None:
