@@ -6,9 +6,10 @@
     computed with the default local (threaded) scheduler.
 ``model loop (tiled)``
     the same model called in a plain loop on pre-cut float32 batches: the same number
-    of tiles predict runs and the same batch size (one chunk per image, so predict runs
+    of tiles predict runs, in batches of the same shapes (``batch_size`` per call, the
+    remainder of each image in a smaller one). One chunk per image, so predict runs
     exactly the global grid; with smaller chunks the windows shared by two blocks' halos
-    run twice).
+    run twice.
 ``predict (pointwise)`` / ``model loop (pointwise)``
     the per-pixel path of the gap-filling job: an MLP on every pixel vs the same MLP
     on a pre-stacked ``(pixels, features)`` array in batches of the same size.
@@ -76,14 +77,19 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
     out.data.compute()  # warm-up: model load into the process cache, thread pools
 
     # one chunk per image: predict runs exactly the global grid (no shared halo windows)
-    n_tiles = t * n_covering_windows(h, tile, stride) * n_covering_windows(w, tile, stride)
+    per_image = n_covering_windows(h, tile, stride) * n_covering_windows(w, tile, stride)
+    n_tiles = t * per_image
     x = np.random.default_rng(0).random((n_tiles, 3, tile, tile), dtype=np.float32)
+    # the same batch shapes as predict: each block (image) is cut into batch_size batches
+    # and a remainder -- CPU convolution time per tile depends strongly on the batch size
+    batches = [x[i * per_image + b0:i * per_image + min(per_image, b0 + batch)]
+               for i in range(t) for b0 in range(0, per_image, batch)]
     torch.set_num_threads(os.cpu_count() or 1)
 
     def loop() -> None:
         with torch.inference_mode():
-            for b0 in range(0, n_tiles, batch):
-                model(torch.from_numpy(x[b0:b0 + batch]))
+            for xb in batches:
+                model(torch.from_numpy(xb))
 
     loop()
     t_predict, t_loop, ratio = _paired(lambda: out.data.compute(), loop, reps)

@@ -216,7 +216,8 @@ def test_peak_memory_bounded_by_chunks_not_cube():
 
     small, large = peak(4), peak(16)
     cube_large = 16 * 256 * 256 * 3 * 4
-    assert large < 1.5 * small and large < cube_large / 3
+    # the invariant: peak does not grow with the cube (4x more time steps here)
+    assert large < 1.5 * small and large < cube_large / 2
 
 
 def test_distributed_client_gives_the_same_patches(client):
