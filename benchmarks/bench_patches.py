@@ -39,7 +39,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"shape": (2, 256, 256), "chunks": (1, 128, 128), "patch": 32, "xb_patches": 20,
              "repeats": 1},
     "default": {"shape": (16, 1024, 1024), "chunks": (4, 512, 512), "patch": 64,
-                "xb_patches": 200, "repeats": 7},
+                "xb_patches": 200, "repeats": 11},
     "large": {"shape": (64, 1024, 1024), "chunks": (8, 512, 512), "patch": 64,
               "xb_patches": 300, "repeats": 3},
 }

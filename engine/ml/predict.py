@@ -59,7 +59,14 @@ from engine.kernels.windows import (
     weight_sum,
 )
 
-__all__ = ["predict", "ModelSpec", "model_load_count", "clear_model_cache", "CHANNEL_DIM"]
+__all__ = [
+    "predict",
+    "ModelSpec",
+    "serialize_model",
+    "model_load_count",
+    "clear_model_cache",
+    "CHANNEL_DIM",
+]
 
 #: Name of the output channel dim when ``out_channels > 1``.
 CHANNEL_DIM = "channel"
@@ -276,7 +283,9 @@ def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractCo
         return dev, _FORWARD_LOCK
     if not _THREADS_SET and "OMP_NUM_THREADS" not in os.environ:
         with _LOCK:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads)))
+            budget = max(1, (os.cpu_count() or 1) // max(1, worker.state.nthreads))
+            if budget < torch.get_num_threads():  # only ever lower it, and only once
+                torch.set_num_threads(budget)
             _THREADS_SET = True
     return dev, contextlib.nullcontext()
 
@@ -576,7 +585,7 @@ def predict(
         size = tuple(int(tile[d]) for d in tile_dims)
         stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
         depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))
-        bs = int(batch_size or dask.config.get("engine.predict.tile-batch-size", 32))
+        bs = int(config.get("predict.tile-batch-size", batch_size))
         k0 = len(others)
         data = []
         for a in arrays:
