@@ -47,21 +47,47 @@ def test_stream_shuffle_is_seeded_and_epoch_aware():
 
 
 def test_stream_memory_bounded_by_buffer():
-    """The largest gather holds buffer_chunks sample blocks, whatever the cube size."""
+    """The largest block the stream holds is buffer_chunks sample blocks, whatever the cube
+    size: the shuffle mixes groups of buffer_chunks chunk results, never the whole set."""
     ds = linear_cube(chunks={"time": 1, "lat": 10, "lon": 10})
     s = PixelSamples(ds, ["a", "b"], "y", np.isfinite(ds.y), batch_size=50, buffer_chunks=2)
     sizes = []
-    orig = s._gather
+    it = s.patches
+    orig = it._mixed
 
-    def spy(idx):
-        parts = orig(idx)
-        sizes.append(sum(p[0].nbytes for p in parts))
-        return parts
+    def spy(results):
+        for data, pos in orig(results):
+            sizes.append(len(data))
+            yield data, pos
 
-    s._gather = spy
-    list(s.iter_arrays())
-    assert max(sizes) <= 2 * 100 * 2 * 4  # 2 chunks x 100 cells x 2 features x float32
+    it._mixed = spy
+    ys = np.concatenate([y for _, y in s.iter_arrays()])
+    assert len(ys) == int(np.isfinite(ds.y.values).sum())
+    assert max(sizes) <= 2 * 100  # 2 chunks x 100 cells
     assert len(sizes) == s.n_chunks // 2
+
+
+def test_stream_cache_on_cluster_reuses_blocks_and_keeps_order():
+    """cache=True with a client computes each chunk once; every epoch yields the same
+    samples in the same order as the uncached stream."""
+    from distributed import Client
+
+    ds = linear_cube()
+    where = np.isfinite(ds.y) & (ds.b > 0)
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        cached = PixelSamples(ds, ["a", "b"], "y", where, batch_size=64, seed=3, client=c)
+        plain = PixelSamples(ds, ["a", "b"], "y", where, batch_size=64, seed=3, cache=False,
+                             client=c)
+        for epoch in range(2):
+            cached.set_epoch(epoch)
+            plain.set_epoch(epoch)
+            a = [np.concatenate(p) for p in zip(*cached.iter_arrays(), strict=True)]
+            b = [np.concatenate(p) for p in zip(*plain.iter_arrays(), strict=True)]
+            np.testing.assert_array_equal(a[1], b[1])
+            np.testing.assert_array_equal(a[0], b[0])
+        assert len(cached.patches._cache) == cached.n_chunks
+        cached.release()
+        assert not cached.patches._cache
 
 
 def test_training_reduces_loss_and_recovers_linear_fit(tmp_path):

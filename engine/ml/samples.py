@@ -1,44 +1,39 @@
 """Stream per-pixel training samples from a dask-backed cube, chunk by chunk.
 
-Each dask chunk of the cube is reduced *on the workers* to the samples it holds (rows
-of features and target where the sample mask is true). With a distributed client those
-compact sample blocks are kept on the workers (``client.compute``) and the training
-process gathers a few of them at a time: the cube is never materialised in one process,
-and the memory of the training process is bounded by ``buffer_chunks`` sample blocks,
-not by the cube.
+:class:`PixelSamples` is :func:`engine.iter_patches` with 1 x 1 windows: each dask chunk
+is one task that stacks the features, the target and the sample mask of its cells and
+keeps the cells where the mask is true (``where=`` runs inside the chunk task, so only
+samples leave the worker). With ``cache=True`` and a distributed client the compact
+sample blocks stay on the workers between epochs and the training process gathers a few
+at a time: the cube is never materialised in one process, and the memory of the training
+process is bounded by ``buffer_chunks`` sample blocks, not by the cube.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import dask
 import numpy as np
 import torch
 import xarray as xr
 from torch.utils.data import IterableDataset
 
 from engine import config
-from engine.kernels.hashing import hash_index
+from engine.ops.patches import PatchIterator, _active_client, iter_patches
 
 __all__ = ["PixelSamples"]
 
-
-def _extract(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of (features, target) where ``w``; x is (feature, *cells)."""
-    keep = np.asarray(w, dtype=bool)
-    xs = np.ascontiguousarray(np.asarray(x)[:, keep].T, dtype=np.float32)
-    ys = np.asarray(y)[keep].astype(np.float32)
-    return xs, ys
+_KEEP = "__keep__"
 
 
-def _default_client():
-    try:
-        from distributed import default_client
+class _KeepFlag:
+    """``where=`` of the sample stream: the mask channel is 1 (picklable for workers)."""
 
-        return default_client()
-    except (ImportError, ValueError):
-        return None
+    def __init__(self, channel: int) -> None:
+        self.channel = channel
+
+    def __call__(self, data: np.ndarray) -> np.ndarray:
+        return data[:, self.channel].reshape(len(data)) == 1  # one cell per window
 
 
 class PixelSamples(IterableDataset):
@@ -47,7 +42,8 @@ class PixelSamples(IterableDataset):
     Parameters
     ----------
     ds
-        Dask-backed cube holding ``features`` and ``target``.
+        Dask-backed cube holding ``features`` and ``target``. Features with fewer dims
+        than the target (e.g. a static land mask) are broadcast to the target's dims.
     where
         Boolean (lazy) DataArray selecting the samples, e.g. train split & valid & mask.
     batch_size
@@ -56,9 +52,13 @@ class PixelSamples(IterableDataset):
         Seeded, epoch-aware shuffling: chunk order and samples within the shuffle buffer
         are permuted by ``(seed, epoch)``; call :meth:`set_epoch` between epochs.
     buffer_chunks
-        Sample blocks mixed together (and gathered in one round trip).
+        Sample blocks mixed together by the shuffle (default config
+        ``train.shuffle-buffer-chunks``).
     cache
-        Keep the compact sample blocks on the cluster's workers between epochs.
+        Keep the compact sample blocks on the cluster's workers between epochs (or in
+        this process without a client).
+    client
+        Distributed client (default: the active one, if any).
     """
 
     def __init__(
@@ -76,70 +76,54 @@ class PixelSamples(IterableDataset):
         client=None,
     ) -> None:
         super().__init__()
+        self.features = tuple(features)
+        self.target = target
         self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epoch = 0
-        self.buffer_chunks = max(1, int(config.get("train.shuffle-buffer-chunks", buffer_chunks)))
         tgt = ds[target]
         dims = tgt.dims
-        x = xr.concat([ds[f].astype(np.float32) for f in features], dim="__feature__")
-        x = x.transpose("__feature__", *dims)
-        w = where.broadcast_like(tgt).transpose(*dims)
-        x, y, w = xr.unify_chunks(x.chunk({"__feature__": -1}), tgt.astype(np.float32), w)
-        xd = x.data.to_delayed().reshape(-1)  # feature axis is one chunk
-        yd = y.data.to_delayed().reshape(-1)
-        wd = w.data.to_delayed().reshape(-1)
-        self._blocks = [dask.delayed(_extract, pure=True)(a, b, c)
-                        for a, b, c in zip(xd, yd, wd, strict=True)]
-        self.n_chunks = len(self._blocks)
-        self._client = client if client is not None else _default_client()
-        self._futures = None
-        if cache and self._client is not None:
-            self._futures = self._client.compute(self._blocks)
+        cube = xr.Dataset(
+            {f"x{i}": ds[f].astype(np.float32).broadcast_like(tgt).transpose(*dims)
+             for i, f in enumerate(self.features)}
+        )
+        cube["y"] = tgt.astype(np.float32)
+        cube[_KEEP] = where.broadcast_like(tgt).transpose(*dims).astype(np.float32)
+        nf = len(self.features)
+        self._patches: PatchIterator = iter_patches(
+            cube, size={d: 1 for d in dims}, variables=[*[f"x{i}" for i in range(nf)], "y", _KEEP],
+            batch_size=self.batch_size, where=_KeepFlag(nf + 1), shuffle=shuffle, seed=seed,
+            shuffle_buffer=max(1, int(config.get("train.shuffle-buffer-chunks", buffer_chunks))),
+            client=client,
+            # without a client the blocks are recomputed each epoch: caching them here
+            # would hold the whole training set in this process
+            cache=cache and _active_client(client) is not None,
+        )
+        self.n_chunks = self._patches.n_units
         self.n_samples: int | None = None
 
+    @property
+    def shuffle(self) -> bool:
+        return self._patches.shuffle
+
+    @property
+    def epoch(self) -> int:
+        return self._patches.epoch
+
+    @property
+    def patches(self) -> PatchIterator:
+        """The underlying :class:`~engine.ops.patches.PatchIterator` (1 x 1 windows)."""
+        return self._patches
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _rng(self, salt: int) -> np.random.Generator:
-        key = int(hash_index(self.seed, np.int64(self.epoch), np.int64(salt)))
-        return np.random.default_rng(key)
-
-    def _gather(self, idx: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        if self._futures is not None:
-            return self._client.gather([self._futures[i] for i in idx])
-        return list(dask.compute(*[self._blocks[i] for i in idx]))
+        self._patches.set_epoch(epoch)
 
     def iter_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield numpy ``(x, y)`` batches for the current epoch."""
-        order = np.arange(self.n_chunks)
-        if self.shuffle:
-            order = self._rng(-1).permutation(order)
-        carry_x = np.empty((0, 0), np.float32)
-        carry_y = np.empty((0,), np.float32)
+        """Yield numpy ``(x (n, feature), y (n,))`` float32 batches for the current epoch."""
+        nf = len(self.features)
         total = 0
-        for g in range(0, self.n_chunks, self.buffer_chunks):
-            parts = self._gather(order[g : g + self.buffer_chunks].tolist())
-            xs = [p[0] for p in parts if len(p[1])]
-            ys = [p[1] for p in parts if len(p[1])]
-            if not xs:
-                continue
-            if len(carry_y):
-                xs.insert(0, carry_x)
-                ys.insert(0, carry_y)
-            bx, by = np.concatenate(xs), np.concatenate(ys)
-            if self.shuffle:
-                perm = self._rng(g).permutation(len(by))
-                bx, by = bx[perm], by[perm]
-            n_full = len(by) // self.batch_size * self.batch_size
-            for s in range(0, n_full, self.batch_size):
-                total += self.batch_size
-                yield bx[s : s + self.batch_size], by[s : s + self.batch_size]
-            carry_x, carry_y = bx[n_full:], by[n_full:]
-        if len(carry_y):
-            total += len(carry_y)
-            yield carry_x, carry_y
+        for batch in self._patches:
+            flat = batch.data.reshape(len(batch.data), -1)  # (n, feature + target + keep)
+            total += len(flat)
+            yield np.ascontiguousarray(flat[:, :nf]), np.ascontiguousarray(flat[:, nf])
         self.n_samples = total
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,7 +132,4 @@ class PixelSamples(IterableDataset):
 
     def release(self) -> None:
         """Drop the cached sample blocks from the workers."""
-        if self._futures is not None:
-            for f in self._futures:
-                f.release()
-            self._futures = None
+        self._patches.release()

@@ -17,6 +17,7 @@ synchronously -- so memory is bounded by ``prefetch`` units, not by the cube.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -153,10 +154,25 @@ def _cut_unit(unit: _Unit, *values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
                             "return one boolean per patch")
         if not keep.all():
             out, positions = out[keep], positions[keep]
-    if unit.shuffle and len(out) > 1:
-        perm = np.random.default_rng([unit.seed, unit.epoch, unit.number]).permutation(len(out))
-        out, positions = out[perm], positions[perm]
+    if unit.shuffle:
+        out, positions = _shuffle_unit(out, positions, unit.seed, unit.epoch, unit.number)
     return out, positions
+
+
+def _run_unit(unit: _Unit, graph: dict, keys: list) -> tuple[np.ndarray, np.ndarray]:
+    """Read the unit's source chunks by running its culled graph here, then cut it."""
+    from dask.core import get
+
+    return _cut_unit(unit, *get(graph, keys))
+
+
+def _shuffle_unit(data: np.ndarray, positions: np.ndarray, seed: int, epoch: int,
+                  number: int) -> tuple[np.ndarray, np.ndarray]:
+    """The within-chunk permutation of unit ``number`` for ``(seed, epoch)``."""
+    if len(data) < 2:
+        return data, positions
+    perm = np.random.default_rng([seed, epoch, number]).permutation(len(data))
+    return data[perm], positions[perm]
 
 
 def _axis_pieces(bounds: np.ndarray, lo: int, hi: int) -> list[tuple[int, slice, slice]]:
@@ -170,6 +186,18 @@ def _axis_pieces(bounds: np.ndarray, lo: int, hi: int) -> list[tuple[int, slice,
             out.append((j, slice(a - start, b - start), slice(a - lo, b - lo)))
         j += 1
     return out
+
+
+class _Done:
+    """A finished local result, held by the cache (``result()`` like a future)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple[np.ndarray, np.ndarray]) -> None:
+        self.value = value
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.value
 
 
 def _in_dataloader_worker() -> tuple[int, int] | None:
@@ -206,7 +234,7 @@ class PatchIterator:
                  stride: Mapping[str, int] | int | None, variables: Sequence[str] | None,
                  batch_size: int, where: WhereLike, shuffle: bool, seed: int, epoch: int,
                  pad: PadLike, as_torch: bool, shard: tuple[int, int] | None, client: Any,
-                 prefetch: int | None, shuffle_buffer: int | None) -> None:
+                 prefetch: int | None, shuffle_buffer: int | None, cache: bool = False) -> None:
         if isinstance(ds, xr.DataArray):
             ch = next((d for d in _CHANNEL_DIMS if d in ds.dims), None)
             # a channel-like dim becomes the patch channels, one variable per label
@@ -265,6 +293,8 @@ class PatchIterator:
         self._axes = self._plan_axes()
         self._dsk: dict | None = None
         self._plans: dict[int, tuple[_Unit, list, dict]] = {}
+        self.cache = bool(cache)
+        self._cache: dict[int, Any] = {}  # unit -> future on the cluster, or local result
 
     # -- plan ---------------------------------------------------------------------------
     def _resolve_where(self, where: WhereLike) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -403,7 +433,15 @@ class PatchIterator:
         state["_dsk"] = None  # rebuilt where it is used (e.g. in a DataLoader worker)
         state["_plans"] = {}
         state["_client"] = None
+        state["_cache"] = {}
         return state
+
+    def release(self) -> None:
+        """Drop the cached unit results (``cache=True``) from the workers or this process."""
+        for held in self._cache.values():
+            if hasattr(held, "release"):
+                held.release()
+        self._cache = {}
 
     # -- execution ----------------------------------------------------------------------
     def _order(self) -> list[int]:
@@ -419,7 +457,8 @@ class PatchIterator:
 
     def _planned(self, number: int) -> tuple[_Unit, list, dict]:
         """Unit payload, source keys and culled source graph of unit ``number`` (cached:
-        epochs only change the shuffle seed)."""
+        epochs only change the shuffle seed). With ``cache=True`` the unit is cut
+        unshuffled: its result is reused by every epoch and permuted where it is consumed."""
         hit = self._plans.get(number)
         if hit is None:
             from dask.optimization import cull
@@ -428,56 +467,86 @@ class PatchIterator:
             sub, _ = cull(self._graph(), keys)
             hit = self._plans[number] = (unit, keys, sub)
         unit, keys, sub = hit
-        if unit.epoch != self.epoch:
+        if self.cache:
+            unit = replace(unit, shuffle=False, epoch=0)
+        elif unit.epoch != self.epoch:
             unit = replace(unit, epoch=self.epoch)
         return unit, keys, sub
 
     def _compute_local(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        from dask.core import get
-
         unit, keys, sub = self._planned(number)
-        return _cut_unit(unit, *get(sub, list(keys)))
+        return _run_unit(unit, sub, list(keys))
 
     def _delayed(self, number: int) -> Any:
+        """Unit ``number`` as one task that reads its source chunks and cuts them.
+
+        The culled source graph travels inside the task instead of being merged into the
+        scheduler's graph: the only key submitted is the unit's own, so it can never
+        collide with the same source keys submitted (optimised differently) by another
+        computation on the same cube, and no intermediate chunk outlives the task.
+        """
         from dask.delayed import Delayed
 
         unit, keys, sub = self._planned(number)
-        name = "patches-" + dask.base.tokenize(self.variables, self.size, self.stride, unit)
-        return Delayed(name, {**sub, name: (_cut_unit, unit, *keys)})
+        name = "patches-" + dask.base.tokenize(self.variables, self.size, self.stride, unit, keys)
+        # a partial keeps the graph and keys opaque: dask must not read them as dependencies
+        return Delayed(name, {name: (functools.partial(_run_unit, unit, sub, list(keys)),)})
 
     def _results(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Unit results in ``order``, with ``prefetch`` units in flight."""
+        """Unit results in ``order``, with ``prefetch`` units in flight.
+
+        With ``cache=True`` a unit is computed once: its result stays on the cluster (a
+        future held by this iterator) or, without a client, in this process, and later
+        epochs only permute it.
+        """
         client = None if _in_dataloader_worker() else _active_client(self._client)
         self._graph()  # build once here, not racing in the pool threads
         pending: deque = deque()
         it = iter(order)
+        pool = None
         if client is not None:
-            def submit(u: int) -> Any:
+            def compute(u: int) -> Any:
                 return client.compute(self._delayed(u))
-            pool = None
         else:
             nthreads = min(self.prefetch, int(dask.config.get("num_workers", None)
                                               or os.cpu_count() or 1))
             pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="patches")
 
-            def submit(u: int) -> Any:
+            def compute(u: int) -> Any:
                 return pool.submit(self._compute_local, u)
+
+        def submit(u: int) -> tuple[int, Any]:
+            if not self.cache:
+                return u, compute(u)
+            held = self._cache.get(u)
+            if held is None:
+                held = self._cache[u] = compute(u)
+            return u, held
+
         try:
             for u in itertools.islice(it, self.prefetch):
                 pending.append(submit(u))
             while pending:
-                fut = pending.popleft()
+                u, fut = pending.popleft()
                 res = fut.result()
+                if self.cache and client is None:
+                    self._cache[u] = _Done(res)  # keep the array, not the pool future
                 del fut
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(submit(nxt))
+                if self.cache and self.shuffle:
+                    res = _shuffle_unit(*res, self.seed, self.epoch, u)
                 yield res
         finally:
-            for f in pending:
-                f.cancel()
+            for _, f in pending:
+                if not self.cache:
+                    f.cancel()
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=not self.cache)
+                if self.cache:  # pool futures that never ran cannot be reused
+                    self._cache = {u: f for u, f in self._cache.items()
+                                   if not (hasattr(f, "cancelled") and f.cancelled())}
 
     def _mixed(self, results: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple]:
         """Cross-chunk shuffle: permute the patches of ``shuffle_buffer`` units together."""
@@ -559,6 +628,7 @@ def iter_patches(
     client: Any = None,
     prefetch: int | None = None,
     shuffle_buffer: int | None = None,
+    cache: bool = False,
 ) -> PatchIterator:
     """Iterate over patches of a dask-backed cube in batches, one task per chunk.
 
@@ -599,6 +669,11 @@ def iter_patches(
         Chunk tasks in flight (default config ``train.prefetch-chunks``).
     shuffle_buffer
         Chunks mixed by the shuffle (default config ``train.shuffle-buffer-chunks``).
+    cache
+        Compute each chunk's (filtered) patches once and reuse them in every epoch: kept
+        on the cluster's workers when a client is active (call
+        :meth:`PatchIterator.release` to free them), else in this process. For training
+        sets that fit in the cluster's memory after ``where`` filtering.
 
     Returns
     -------
@@ -615,4 +690,4 @@ def iter_patches(
     """
     return PatchIterator(ds, size or {"lat": 64, "lon": 64}, stride, variables, batch_size,
                          where, shuffle, seed, epoch, pad, as_torch, shard, client, prefetch,
-                         shuffle_buffer)
+                         shuffle_buffer, cache)
