@@ -66,6 +66,23 @@ def test_output_store_contents_and_provenance(mlp_run):
     assert (tmp / "report.html").exists() and (tmp / "report.html.json").exists()
 
 
+def test_throughput_summary_per_worker(mlp_run):
+    """The run's summary has both phases with one row per worker process, and the
+    per-worker counts add up to the phase totals and to the cube."""
+    tmp, _ = mlp_run
+    rep = json.load(open(tmp / "report.html.json"))
+    phases = rep["phases"]
+    assert set(phases) == {"train", "predict+write"}
+    train, pw = phases["train"], phases["predict+write"]
+    assert len(pw["workers"]) == 2 == len(train["workers"])
+    assert train["total"]["patches"] > 0 and train["total"]["mb_per_s_read"] > 0
+    cells = 12 * 90 * 180  # the demo cube's (month, lat, lon)
+    assert pw["total"]["output_pixels"] == cells
+    assert sum(w["output_pixels"] for w in pw["workers"].values()) == cells
+    assert pw["total"]["mb_written"] == pytest.approx(rep["bytes_written"] / 1e6)
+    assert all(0 <= w["busy_share"] <= 1.0 for w in pw["workers"].values())
+
+
 def test_rerun_resumes_without_recomputing(mlp_run, capsys):
     tmp, job = mlp_run
     before = read_manifest(str(tmp / "out" / "filled.zarr"))

@@ -227,10 +227,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     con.print(f"throughput: train {tp.get('train_samples_per_s') or 0:,.0f} samples/s; "
               f"write {tp.get('output_pixels_per_s') or 0:,.0f} output px/s, "
               f"{tp.get('mb_per_s_written') or 0:.1f} MB/s; total {summary['wall_s']:.1f} s")
+    if not args.quiet and tp.get("phases"):
+        con.print(throughput_table(tp["phases"]))
     if args.report:
         with open(args.report + ".json", "w") as f:
             json.dump(summary, f, indent=2, default=str)
+        con.print(f"report: {args.report} (dask performance report), {args.report}.json "
+                  "(this summary)")
     return 0
+
+
+def throughput_table(phases: dict[str, Any]) -> Any:
+    """Rich table of :meth:`engine.meter.Meter.summary` phases: all workers, each worker
+    and each GPU, with rates over the phase's wall time (patches are counted where they
+    are cut: once per chunk when the training stream caches them)."""
+    from rich.table import Table
+
+    t = Table(title="throughput per worker (rates over each phase's wall time)")
+    for col in ("phase", "worker", "tasks", "patch/s", "px/s", "MB/s in", "MB/s out", "busy"):
+        t.add_column(col, justify="left" if col in ("phase", "worker") else "right",
+                     no_wrap=col == "phase")
+
+    def row(phase: str, who: str, r: dict[str, Any]) -> None:
+        busy = r.get("busy_share")
+        t.add_row(phase, who, f"{r['tasks']:,}", f"{r['patches_per_s']:,.0f}",
+                  f"{r['output_pixels_per_s']:,.0f}", f"{r['mb_per_s_read']:,.1f}",
+                  f"{r['mb_per_s_written']:,.1f}", "" if busy is None else f"{busy:.0%}")
+
+    for name, ph in phases.items():
+        row(f"{name} {ph['wall_s']:.1f}s", "all", ph["total"])
+        for addr, r in ph["workers"].items():
+            label = (":" + addr.rsplit(":", 1)[-1] if "://" in addr else addr) \
+                + (f" [{', '.join(r['gpus'])}]" if r["gpus"] else "")
+            row("", label, r)
+        for gpu, r in ph["gpus"].items():
+            row("", f"GPU {gpu.split(':', 1)[-1]}", r)
+    return t
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from engine import config
+from engine import config, meter
 from engine._version import code_version
 from engine.errors import RegionFailedError, ResumeError, SpecError, StoreError, StoreExistsError
 from engine.io import stores
@@ -453,6 +453,7 @@ def _unpack(packed: dict[str, tuple[tuple[str, ...], Any]]) -> xr.Dataset:
 
 def _write_region(task: _RegionTask, data: xr.Dataset | dict) -> dict:
     """Write one computed region, then its manifest record (runs on a worker)."""
+    t0 = time.perf_counter()
     _quiet_zarr()
     if isinstance(data, dict):
         data = _unpack(data)
@@ -475,6 +476,8 @@ def _write_region(task: _RegionTask, data: xr.Dataset | dict) -> dict:
     }
     fs, root = stores.filesystem(task.url, task.storage_options)
     stores.put_json(fs, f"{root}/{_MANIFEST}/{task.id}.json", record)
+    meter.record("write", items=1, pixels=math.prod(b - a for a, b in task.slices.values()),
+                 bytes_written=int(data.nbytes), seconds=time.perf_counter() - t0)
     return record
 
 

@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import threading
+import time
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -49,7 +50,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from engine import config
+from engine import config, meter
 from engine.errors import CubeError, SpecError
 from engine.kernels.windows import (
     blend_depth,
@@ -290,6 +291,14 @@ def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractCo
     return dev, contextlib.nullcontext()
 
 
+def _gpu_name(dev: torch.device | None) -> str | None:
+    """``"NAME (cuda:i)"`` of a CUDA device, for the per-GPU throughput summary."""
+    if dev is None or dev.type != "cuda":
+        return None
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"{torch.cuda.get_device_name(index)} (cuda:{index})"
+
+
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
     choice = _PRECISIONS[precision]
     dtype = (torch.bfloat16 if dev.type == "cuda" else None) if choice == "auto" else choice
@@ -333,10 +342,12 @@ def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple
 # -- block functions ----------------------------------------------------------------------
 def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], batch_size: int,
                    blend: str, out_channels: int, device: str, precision: str,
-                   fill_value: float | None) -> Any:
+                   fill_value: float | None, depth: tuple[int, ...] = (),
+                   n_blocks: tuple[int, ...] = (), block_id: tuple[int, ...] | None = None) -> Any:
     """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``."""
     from engine.kernels.windows import window_view
 
+    t0 = time.perf_counter()
     *blocks, payload = args
     xp = _namespace(blocks[0])
     k = len(tile)
@@ -376,15 +387,25 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
                 acc[(int(idx[0][i]), slice(None), *sl)] += out[i]
     wsum = _block_weight_sum(ext, tile, stride, blend)
     acc /= wsum if xp is np else xp.asarray(wsum)
+    core = ext  # the block less its halos (halos only towards neighbouring blocks)
+    if block_id is not None and depth:
+        at = block_id[len(block_id) - k:]
+        core = tuple(e - d * (i > 0) - d * (i < n - 1)
+                     for e, d, i, n in zip(ext, depth, at, n_blocks, strict=True))
+    meter.record("predict", items=total, pixels=m_count * math.prod(core),
+                 bytes_read=sum(int(b.nbytes) for b in blocks),
+                 seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
     return acc.reshape(*others, out_channels, *ext)
 
 
 def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
                     precision: str, fill_value: float | None) -> Any:
     """One block per feature ``(*cells)`` -> ``(*cells, out)``; NaN rows skip the model."""
+    t0 = time.perf_counter()
     *blocks, payload = args
     xp = _namespace(blocks[0])
     shape = blocks[0].shape
+    dev = None
     x = xp.empty((math.prod(shape), len(blocks)), xp.float32)
     for j, b in enumerate(blocks):
         x[:, j] = b.reshape(-1)
@@ -407,6 +428,9 @@ def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
                 with lock, _autocast(dev, precision):
                     y = _forward(model, batch, dev, xp)
                 out[sel] = y.reshape(len(batch), -1)
+    meter.record("predict", items=n, pixels=math.prod(shape),
+                 bytes_read=sum(int(b.nbytes) for b in blocks),
+                 seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
     return out.reshape(*shape, out_channels)
 
 
@@ -610,7 +634,8 @@ def predict(
             y = da.map_blocks(_predict_tiles, *ext, payload_key, new_axis=k0, chunks=chunks,
                               dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
                               name="predict-tiles", tile=size, stride=stride, batch_size=bs,
-                              blend=blend, **common)
+                              blend=blend, depth=depth,
+                              n_blocks=tuple(len(c) for c in ext[0].chunks[k0:]), **common)
         # trim with the SAME boundary as the overlap, else the outer halos stay (dask docs)
         y_depth = {k0 + 1 + j: d for j, d in enumerate(depth)}
         y_bnd = dict.fromkeys(y_depth, "none")

@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import sys
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -163,7 +164,15 @@ def _run_unit(unit: _Unit, graph: dict, keys: list) -> tuple[np.ndarray, np.ndar
     """Read the unit's source chunks by running its culled graph here, then cut it."""
     from dask.core import get
 
-    return _cut_unit(unit, *get(graph, keys))
+    from engine import meter
+
+    t0 = time.perf_counter()
+    values = get(graph, keys)
+    out = _cut_unit(unit, *values)
+    meter.record("patches", items=len(out[0]), bytes_read=sum(getattr(v, "nbytes", 0)
+                                                             for v in values),
+                 seconds=time.perf_counter() - t0)
+    return out
 
 
 def _shuffle_unit(data: np.ndarray, positions: np.ndarray, seed: int, epoch: int,

@@ -183,6 +183,10 @@ def run_gapfill(
         require("mlflow", "track")
     os.makedirs(run_dir, exist_ok=True)
 
+    from engine.meter import Meter
+
+    meter = Meter(client)
+    meter.begin("train")
     # 1. statistics of the training blocks only, one distributed pass
     stats = compute_train_stats(p.ds, spec.features, spec.target, p.train_where)
     log(f"training samples: {stats.n:,} (train blocks only, inside the mask, no NaN)")
@@ -245,6 +249,7 @@ def run_gapfill(
     mhash = model_hash(model)
 
     # 3. blockwise prediction over the whole cube, written through the resumable writer
+    meter.begin("predict+write")
     prediction = predict(p.ds, model, variables=spec.features, tile=None,
                          output_name=f"{spec.target}_predicted")
     provenance = {
@@ -272,6 +277,7 @@ def run_gapfill(
                  storage_options=spec.output.storage_options, client=client,
                  progress=on_region)
     write_s = time.perf_counter() - t_write
+    meter.end()
     for stream in streams:
         stream.release()
 
@@ -318,6 +324,7 @@ def run_gapfill(
         "bytes_written": getattr(wres, "bytes_written", None),
         "mb_per_s_written": (wres.bytes_written / 1e6 / write_s) if write_s and wres else None,
         "train_samples_per_s": train_info.get("samples_per_s"),
+        **meter.summary(),  # per phase: totals, per worker, per GPU
     }
     metrics["throughput"] = throughput
     with open(files["metrics"], "w") as f:
