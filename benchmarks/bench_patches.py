@@ -1,37 +1,37 @@
 """Patch-generation throughput: iter_patches vs xbatcher, a per-chunk reference, memcpy.
 
-All four read the same dask-backed cube (chunks held in memory, so the figures measure
-patch cutting and scheduling, not storage) and produce the same float32 bytes:
+All read the same cube (chunks held in memory, so the figures measure patch cutting and
+scheduling, not storage) and produce the same float32 bytes:
 
 ``iter_patches``
     one epoch with the scheduler it uses without a client (local thread pool).
 ``per-chunk reference``
     a hand-written loop: one ``dask.compute`` per chunk (sync scheduler, graph built
     once), reshape into ``(n, variable, 64, 64)`` patches with one copy.
-``xbatcher``
-    ``BatchGenerator(input_dims={"time": 1, "lat": 64, "lon": 64})``, one item per
-    patch, converted to a numpy array. It is slow, so it is timed on a subset of patches
-    and extrapolated per patch (stated in the output).
+``xbatcher (dask)``
+    ``BatchGenerator(input_dims={"time": 1, "lat": 64, "lon": 64})`` on the same
+    dask-backed cube, one item per patch, converted to a numpy array. It is slow, so it
+    is timed on a subset of patches and extrapolated per patch (stated in the output).
+``xbatcher (numpy)``
+    the same generator on the cube loaded into memory as numpy (xbatcher's fast case).
 ``memcpy``
     ``np.copyto`` of the same number of bytes into a warmed buffer (the ceiling).
 
-Run ``python benchmarks/bench_patches.py [tiny|default|large]``; JSON goes to
+Peak memory is the resident-set growth of this process while each method runs.
+Run ``python -m benchmarks.bench_patches [tiny|default|large]``; JSON goes to
 ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from typing import Any
 
 import dask
 import numpy as np
 
+from benchmarks._common import PeakRSS, cli, machine
 from engine.ops.patches import iter_patches
 from engine.testing.cubes import synthetic_cube
 
@@ -88,6 +88,9 @@ def _bench_xbatcher(ds, p: int, n_patches: int) -> float:
     import xbatcher
 
     gen = xbatcher.BatchGenerator(ds[list(VARIABLES)], input_dims={"time": 1, "lat": p, "lon": p})
+    first = np.stack([gen[0][v].values for v in VARIABLES], axis=0)  # same bytes as ours
+    np.testing.assert_array_equal(first[:, 0], np.stack(
+        [ds[v].values[0, :p, :p] for v in VARIABLES]))
     t0 = time.perf_counter()
     for i in range(n_patches):
         item = gen[i]
@@ -117,25 +120,35 @@ def run(size: str = "default") -> dict[str, Any]:
     assert n_ours == n_ref == n_expected, (n_ours, n_ref, n_expected)
     # alternate the two so that load from other processes hits both
     t_ours_all, t_ref_all = [], []
-    for _ in range(reps):
-        t_ours_all.append(_timed(lambda: _bench_iter_patches(ds, p), 1)[0])
-        t_ref_all.append(_timed(lambda: _bench_reference(ds, p), 1)[0])
+    peak = {}
+    for i in range(reps):
+        with PeakRSS() as m_ours:
+            t_ours_all.append(_timed(lambda: _bench_iter_patches(ds, p), 1)[0])
+        with PeakRSS() as m_ref:
+            t_ref_all.append(_timed(lambda: _bench_reference(ds, p), 1)[0])
+        if i == 0:
+            peak["iter_patches"], peak["reference"] = m_ours.delta_mb, m_ref.delta_mb
     t_ours, t_ref = statistics.median(t_ours_all), statistics.median(t_ref_all)
     ratio_ref = statistics.median(r / o for o, r in zip(t_ours_all, t_ref_all, strict=True))
-    per_patch_xb = _bench_xbatcher(ds, p, cfg["xb_patches"])
-    t_xb = per_patch_xb * n_expected
+    with PeakRSS() as m_xb:
+        t_xb = _bench_xbatcher(ds, p, cfg["xb_patches"]) * n_expected
+    in_memory = ds.compute()  # numpy-backed: xbatcher's fastest case
+    with PeakRSS() as m_xbn:
+        t_xbn = _bench_xbatcher(in_memory, p, cfg["xb_patches"]) * n_expected
+    del in_memory
     t_copy = _bench_memcpy(nbytes, reps)
 
-    def row(name: str, seconds: float, note: str = "") -> dict[str, Any]:
+    def row(name: str, seconds: float, peak_mb: float | None, note: str = "") -> dict[str, Any]:
         return {"name": name, "seconds": seconds, "mb_per_s": nbytes / seconds / 1e6,
-                "patches_per_s": n_expected / seconds, "note": note}
+                "patches_per_s": n_expected / seconds, "peak_mb": peak_mb, "note": note}
 
+    xb_note = f"timed on {cfg['xb_patches']} patches, extrapolated to {n_expected}"
     rows = [
-        row("iter_patches", t_ours, f"local thread pool, median of {reps}"),
-        row("per-chunk reference", t_ref, "one compute per chunk + reshape"),
-        row("xbatcher 0.4 BatchGenerator", t_xb,
-            f"timed on {cfg['xb_patches']} patches, extrapolated to {n_expected}"),
-        row("np.copyto (same bytes)", t_copy, "memory-bandwidth ceiling"),
+        row("iter_patches", t_ours, peak["iter_patches"], f"local thread pool, median of {reps}"),
+        row("per-chunk reference", t_ref, peak["reference"], "one compute per chunk + reshape"),
+        row("xbatcher 0.4 (dask-backed)", t_xb, m_xb.delta_mb, xb_note),
+        row("xbatcher 0.4 (numpy-backed)", t_xbn, m_xbn.delta_mb, xb_note + ", cube in RAM"),
+        row("np.copyto (same bytes)", t_copy, None, "memory-bandwidth ceiling"),
     ]
     return {
         "benchmark": "patches",
@@ -143,12 +156,11 @@ def run(size: str = "default") -> dict[str, Any]:
         "cube": {"shape": cfg["shape"], "chunks": cfg["chunks"], "variables": len(VARIABLES),
                  "dtype": "float32", "patch": [p, p], "n_patches": n_expected,
                  "bytes": nbytes},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1min": os.getloadavg()[0],
-                    "platform": platform.platform()},
+        "machine": machine(),
         "rows": rows,
         "ratios": {
             "vs_xbatcher": t_xb / t_ours,
+            "vs_xbatcher_numpy": t_xbn / t_ours,
             "vs_reference": ratio_ref,
             "vs_memcpy": t_copy / t_ours,
         },
@@ -161,26 +173,17 @@ def _print(res: dict[str, Any]) -> None:
     print(f"patches benchmark ({res['size']}): cube {c['shape']} x {c['variables']} vars "
           f"float32, chunks {c['chunks']}, patches {c['patch']}, {c['n_patches']} patches, "
           f"{c['bytes'] / 1e6:.0f} MB")
-    print(f"{'method':32s} {'seconds':>9s} {'MB/s':>10s} {'patches/s':>12s}  note")
+    print(f"{'method':32s} {'seconds':>9s} {'MB/s':>10s} {'patches/s':>12s} {'peak MB':>8s}  note")
     for r in res["rows"]:
+        peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(f"{r['name']:32s} {r['seconds']:9.3f} {r['mb_per_s']:10.0f} "
-              f"{r['patches_per_s']:12.0f}  {r['note']}")
+              f"{r['patches_per_s']:12.0f} {peak:>8s}  {r['note']}")
     for k, v in res["ratios"].items():
         target = res["targets"].get(k)
         print(f"iter_patches {k}: {v:.2f}x" + (f" (target >= {target}x)" if target else ""))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    size = (argv or sys.argv[1:] or ["default"])[0]
-    res = run(size)
-    _print(res)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"bench_patches-{size}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {path}")
-    return res
+main = cli("patches", run, _print)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,7 @@ JSON goes to ``benchmarks/results/``.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks._common import cli, machine, paired
 from engine.kernels.windows import n_covering_windows
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture
@@ -53,19 +49,6 @@ SIZES: dict[str, dict[str, Any]] = {
 VARIABLES = ("t2m", "lst", "ndvi")
 
 
-def _paired(a, b, repeats: int) -> tuple[float, float, float]:
-    """Interleave ``a`` and ``b`` ``repeats`` times: median seconds of each and the median
-    of the per-round ratios ``t_b / t_a`` (robust to load from other processes)."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, acc in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    ratio = statistics.median(y / x for x, y in zip(ta, tb, strict=True))
-    return statistics.median(ta), statistics.median(tb), ratio
-
-
 def _against(run_predict, loop, repeats: int) -> tuple[float, float, float, float]:
     """Time predict against the loop run in a worker thread, as predict's forward passes
     are (in this process the same loop ran ~1.5x slower on the main thread than on any
@@ -76,8 +59,8 @@ def _against(run_predict, loop, repeats: int) -> tuple[float, float, float, floa
 
         threaded()
         loop()
-        t_predict, t_loop, ratio = _paired(run_predict, threaded, repeats)
-    t_main = statistics.median(_paired(loop, loop, max(1, repeats // 2))[:2])
+        t_predict, t_loop, ratio = paired(run_predict, threaded, repeats)
+    t_main = statistics.median(paired(loop, loop, max(1, repeats // 2))[:2])
     return t_predict, t_loop, ratio, t_main
 
 
@@ -154,10 +137,7 @@ def run(size: str = "default") -> dict[str, Any]:
     point = _bench_pointwise(cfg)
     return {
         "benchmark": "predict", "size": size, "device": "cpu",
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "load_average_1min": os.getloadavg()[0],
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "tiled": tiled, "pointwise": point,
         "ratios": {"tiled": tiled["ratio"], "pointwise": point["ratio"]},
         "targets": {"tiled": 0.9},
@@ -183,17 +163,7 @@ def _print(res: dict[str, Any]) -> None:
           f"pointwise: {p['ratio']:.2f}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    size = (argv or sys.argv[1:] or ["default"])[0]
-    res = run(size)
-    _print(res)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"bench_predict-{size}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {path}")
-    return res
+main = cli("predict", run, _print)
 
 
 if __name__ == "__main__":
