@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmarks (see benchmarks/README.md)")
     bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     bench.add_argument("--size", default="default", choices=["tiny", "default", "large"])
+    bench.add_argument("--tag", default=None, help="suffix of the results files (e.g. h100)")
     return parser
 
 
@@ -266,13 +267,23 @@ def throughput_table(phases: dict[str, Any]) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.__main__ import main as bench_main
-    except ImportError:
-        from engine.errors import EngineError
+    import sys
 
-        raise EngineError("benchmarks are run from a checkout: cd to the repository root") from None
-    return bench_main([*args.names, "--size", args.size])
+    from engine.errors import EngineError
+
+    # the benchmarks live in the checkout, next to engine/, not in the installed package
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for where in (os.getcwd(), root):
+        if os.path.isfile(os.path.join(where, "benchmarks", "__main__.py")):
+            if where not in sys.path:
+                sys.path.insert(0, where)
+            break
+    else:
+        raise EngineError("benchmarks are run from a checkout: cd to the repository root")
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main([*args.names, "--size", args.size]
+                      + (["--tag", args.tag] if args.tag else []))
 
 
 def main(argv: list[str] | None = None) -> int:
