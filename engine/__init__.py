@@ -2,7 +2,7 @@
 
 Functions are the API. Everything here returns lazy xarray objects; the caller (or the
 ``cube-engine`` command line) decides when to compute. ``import engine`` never imports
-torch: the torch-backed functions (``predict``, ``train_model``) load it on first use.
+torch: the torch-backed ``engine.predict`` loads it on first use.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from engine.errors import (
     StoreExistsError,
 )
 from engine.io.catalog import describe_entry, list_entries, open_cube
+from engine.io.writer import write
+from engine.ops.patches import iter_patches
 from engine.ops.splits import block_split, geo_kfold, random_split
 
 __all__ = [
@@ -29,6 +31,10 @@ __all__ = [
     "describe_entry",
     # cluster
     "connect",
+    # the scale-out core
+    "iter_patches",
+    "predict",
+    "write",
     # splits
     "block_split",
     "random_split",
@@ -46,3 +52,12 @@ __all__ = [
 ]
 
 __version__ = code_version()
+
+
+def __getattr__(name: str):
+    # torch-backed functions load torch on first use, never on ``import engine``
+    if name == "predict":
+        from engine.ml.predict import predict
+
+        return predict
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
