@@ -345,3 +345,29 @@ def test_invalid_encoding_destroys_nothing(tmp_path, cube):
     with pytest.raises(SpecError, match="encoding is invalid.*compresor"):
         writer.write(cube, url, overwrite=True, encoding={"t2m": {"compresor": None}})
     assert snapshot(url) == before
+
+
+def test_cluster_write_keeps_a_bounded_window_of_regions(tmp_path):
+    """With a client the writer submits regions in a rolling window: the scheduler never
+    holds more write tasks than engine.write.regions-in-flight, and every region lands."""
+    from distributed import Client
+
+    data = da.random.default_rng(0).random((12, 10, 8), chunks=(1, 5, 4)).astype("f4")
+    ds = xr.Dataset({"x": (("time", "lat", "lon"), data)})
+    held = []
+
+    def in_scheduler(dask_scheduler=None):
+        # unfinished region tasks (a finished one stays in memory until its release lands)
+        return sum(1 for k, ts in dask_scheduler.tasks.items()
+                   if str(k).startswith("write-region") and ts.state != "memory")
+
+    with Client(processes=False, n_workers=2, threads_per_worker=1,
+                dashboard_address=":0") as c, \
+            dask.config.set({"engine.write.regions-in-flight": 3}):
+        res = writer.write(ds, str(tmp_path / "w.zarr"), region_chunks={"time": 1},
+                           client=c, progress=lambda *_: held.append(
+                               c.run_on_scheduler(in_scheduler)))
+    assert res.n_written == res.n_regions == 12 * 2 * 2
+    assert max(held) <= 3
+    np.testing.assert_array_equal(open_store(str(tmp_path / "w.zarr")).x.values,
+                                  data.compute())

@@ -490,32 +490,48 @@ def _region_data(ds: xr.Dataset, task: _RegionTask) -> xr.Dataset:
 Failures = list[tuple[_RegionTask, BaseException]]
 
 
-def _run_distributed(client, ds, tasks, retries, on_done) -> Failures:
-    """Submit every region at once; collect as they finish so one failure loses nothing else."""
+def _run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None = None) -> Failures:
+    """Submit regions in a rolling window of ``in_flight`` and collect them as they finish,
+    so one failure loses nothing else and the scheduler never holds the graph of the whole
+    store: an archive of 10^5 regions costs the scheduler a few hundred regions at a time.
+    """
     from distributed import as_completed
 
+    threads = sum(client.nthreads().values()) or 1
+    limit = int(config.get("write.regions-in-flight", in_flight) or 0) or max(8, 2 * threads)
     token = dask.base.tokenize(ds, tasks)
-    graphs = []
-    for t in tasks:
+
+    def submit(t: _RegionTask) -> Any:
         with dask.annotate(region=t.id):
-            graphs.append(
-                dask.delayed(_write_region, pure=False)(
-                    t, _pack(_region_data(ds, t)), dask_key_name=f"write-region-{t.id}-{token}"
-                )
+            graph = dask.delayed(_write_region, pure=False)(
+                t, _pack(_region_data(ds, t)), dask_key_name=f"write-region-{t.id}-{token}"
             )
-    futures = client.compute(graphs, retries=retries)
-    by_key = {f.key: t for f, t in zip(futures, tasks, strict=True)}
+        return client.compute(graph, retries=retries)
+
+    todo = iter(tasks)
+    pending: dict[str, tuple[Any, _RegionTask]] = {}
+    for t in itertools.islice(todo, limit):
+        fut = submit(t)
+        pending[fut.key] = (fut, t)
     failures: Failures = []
+    running = as_completed([f for f, _ in pending.values()])
     try:
-        for fut in as_completed(futures):
+        for fut in running:
+            _, task = pending.pop(fut.key)
             try:
                 record = fut.result()
             except Exception as err:
-                failures.append((by_key[fut.key], err))
+                failures.append((task, err))
             else:
                 on_done(record)
+            del fut
+            nxt = next(todo, None)
+            if nxt is not None:
+                new = submit(nxt)
+                pending[new.key] = (new, nxt)
+                running.add(new)
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        client.cancel([f for f, _ in pending.values()])
     return failures
 
 
