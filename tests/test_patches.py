@@ -265,3 +265,13 @@ def test_dataarray_channel_dim_becomes_patch_channels(cube):
     got = _pairs(it)
     key = next(iter(got))
     np.testing.assert_array_equal(got[key], _expected(cube, key))
+
+
+def test_positions_can_be_left_out(cube):
+    """positions=False yields the same patches with zero-width positions."""
+    kw = dict(size={"lat": 16, "lon": 16}, batch_size=7, shuffle=True, seed=2)
+    full = list(iter_patches(cube, **kw))
+    bare = list(iter_patches(cube, positions=False, **kw))
+    np.testing.assert_array_equal(np.concatenate([b.data for b in full]),
+                                  np.concatenate([b.data for b in bare]))
+    assert all(b.positions.shape == (len(b), 0) for b in bare)

@@ -96,6 +96,7 @@ class PixelSamples(IterableDataset):
             # without a client the blocks are recomputed each epoch: caching them here
             # would hold the whole training set in this process
             cache=cache and _active_client(client) is not None,
+            positions=False,  # samples need no index: it would outweigh 1x1 windows
         )
         self.n_chunks = self._patches.n_units
         self.n_samples: int | None = None

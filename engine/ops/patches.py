@@ -56,7 +56,8 @@ class PatchBatch:
         ``(batch, variable, *size)`` float32 (numpy array, or torch tensor with ``as_torch``).
     positions
         ``(batch, ndim)`` int64 global index of each patch along :attr:`PatchIterator.dims`:
-        the window start along patch dims, the index along the other dims (e.g. time).
+        the window start along patch dims, the index along the other dims (e.g. time);
+        ``(batch, 0)`` when built with ``positions=False``.
     """
 
     data: Any
@@ -106,6 +107,7 @@ class _Unit:
     shuffle: bool
     seed: int
     epoch: int
+    positions: bool = True
 
 
 def _assemble(unit: _Unit, pieces: tuple[tuple, ...], values: Sequence[np.ndarray]) -> np.ndarray:
@@ -144,10 +146,12 @@ def _cut_unit(unit: _Unit, *values: np.ndarray) -> tuple[np.ndarray, np.ndarray]
                           [counts[a] for a in unit.patch_axes])
         # The one copy of the pipeline: strided windows -> contiguous float32 patches.
         np.copyto(shaped[lead + (v,)], win, casting="unsafe")
-    axes = [o + s * np.arange(c, dtype=np.int64)
-            for o, s, c in zip(unit.origin, unit.steps, counts, strict=True)]
-    positions = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1) \
-        if n else np.empty((0, len(counts)), np.int64)
+    if unit.positions and n:
+        axes = [o + s * np.arange(c, dtype=np.int64)
+                for o, s, c in zip(unit.origin, unit.steps, counts, strict=True)]
+        positions = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1)
+    else:  # zero-width: filtering and shuffling cost nothing
+        positions = np.empty((n, len(counts) if unit.positions else 0), np.int64)
     if unit.where is not None and n:
         keep = np.asarray(unit.where(out), dtype=bool)
         if keep.shape != (n,):
@@ -181,7 +185,8 @@ def _shuffle_unit(data: np.ndarray, positions: np.ndarray, seed: int, epoch: int
     if len(data) < 2:
         return data, positions
     perm = np.random.default_rng([seed, epoch, number]).permutation(len(data))
-    return data[perm], positions[perm]
+    # np.take on axis 0: several times faster than fancy indexing for large row groups
+    return np.take(data, perm, axis=0), np.take(positions, perm, axis=0)
 
 
 def _axis_pieces(bounds: np.ndarray, lo: int, hi: int) -> list[tuple[int, slice, slice]]:
@@ -243,7 +248,8 @@ class PatchIterator:
                  stride: Mapping[str, int] | int | None, variables: Sequence[str] | None,
                  batch_size: int, where: WhereLike, shuffle: bool, seed: int, epoch: int,
                  pad: PadLike, as_torch: bool, shard: tuple[int, int] | None, client: Any,
-                 prefetch: int | None, shuffle_buffer: int | None, cache: bool = False) -> None:
+                 prefetch: int | None, shuffle_buffer: int | None, cache: bool = False,
+                 positions: bool = True) -> None:
         if isinstance(ds, xr.DataArray):
             ch = next((d for d in _CHANNEL_DIMS if d in ds.dims), None)
             # a channel-like dim becomes the patch channels, one variable per label
@@ -303,6 +309,7 @@ class PatchIterator:
         self._dsk: dict | None = None
         self._plans: dict[int, tuple[_Unit, list, dict]] = {}
         self.cache = bool(cache)
+        self.positions = bool(positions)
         self._cache: dict[int, Any] = {}  # unit -> future on the cluster, or local result
 
     # -- plan ---------------------------------------------------------------------------
@@ -423,6 +430,7 @@ class PatchIterator:
             offset=tuple(offset), counts=tuple(counts), origin=tuple(origin),
             steps=tuple(steps), size=self.size, stride=self.stride, pad=self.pad,
             where=self.where, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+            positions=self.positions,
         )
         return unit, keys
 
@@ -570,7 +578,7 @@ class PatchIterator:
                 rng = np.random.default_rng([self.seed, self.epoch, *stream, g])
                 perm = rng.permutation(len(data))
                 group = []
-                yield data[perm], pos[perm]
+                yield np.take(data, perm, axis=0), np.take(pos, perm, axis=0)
 
     def _batches(self, results: Iterator[tuple]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Exactly ``batch_size`` patches per batch across unit boundaries (views when possible)."""
@@ -638,6 +646,7 @@ def iter_patches(
     prefetch: int | None = None,
     shuffle_buffer: int | None = None,
     cache: bool = False,
+    positions: bool = True,
 ) -> PatchIterator:
     """Iterate over patches of a dask-backed cube in batches, one task per chunk.
 
@@ -683,6 +692,9 @@ def iter_patches(
         on the cluster's workers when a client is active (call
         :meth:`PatchIterator.release` to free them), else in this process. For training
         sets that fit in the cluster's memory after ``where`` filtering.
+    positions
+        Return each patch's global index; False gives zero-width positions ``(n, 0)``
+        and saves their memory (24 bytes per patch of a 3-D cube).
 
     Returns
     -------
@@ -699,4 +711,4 @@ def iter_patches(
     """
     return PatchIterator(ds, size or {"lat": 64, "lon": 64}, stride, variables, batch_size,
                          where, shuffle, seed, epoch, pad, as_torch, shard, client, prefetch,
-                         shuffle_buffer, cache)
+                         shuffle_buffer, cache, positions)
