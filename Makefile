@@ -18,7 +18,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(PIP) --quiet torch==2.13.0
-	$(PIP) --quiet -e '.[test]'
+	$(PIP) --quiet -e '.[test,bench]'   # bench: the peers the benchmarks compare against
 
 demo: install
 	$(BIN)/cube-engine run jobs/gapfill.yaml

@@ -17,6 +17,8 @@ from typing import Any
 BENCHMARKS = {
     "patches": "benchmarks.bench_patches",
     "predict": "benchmarks.bench_predict",
+    "prep": "benchmarks.bench_prep",
+    "gapfill": "benchmarks.bench_gapfill",
 }
 
 #: What each ratio compares (engine vs baseline); ratio > 1 means the engine is better.
@@ -27,6 +29,12 @@ LABELS = {
     ("patches", "vs_memcpy"): "iter_patches vs memcpy of the same bytes (ceiling)",
     ("predict", "tiled"): "tiled predict vs model loop on pre-cut batches",
     ("predict", "pointwise"): "pointwise predict vs model loop on pre-cut batches",
+    ("prep", "prep_speed_vs_ml4xcube"): "split + sample stream vs ml4xcube split + XrDataset, time",
+    ("prep", "peak_memory_vs_ml4xcube"): "split + sample stream vs ml4xcube, peak memory",
+    ("gapfill", "wall_vs_ml4xcube"): "gap filling (linear) vs ml4xcube sampler+trainer, wall",
+    ("gapfill", "rmse_ml4xcube_over_engine"): "gap filling (linear): ml4xcube RMSE / engine RMSE",
+    ("gapfill", "wall_vs_ml4xcube_mlp"): "gap filling (MLP) vs ml4xcube sampler+trainer, wall",
+    ("gapfill", "rmse_ml4xcube_over_engine_mlp"): "gap filling (MLP): ml4xcube RMSE / engine RMSE",
 }
 
 
