@@ -19,6 +19,8 @@ BENCHMARKS = {
     "predict": "benchmarks.bench_predict",
     "prep": "benchmarks.bench_prep",
     "gapfill": "benchmarks.bench_gapfill",
+    "write": "benchmarks.bench_write",
+    "scaling": "benchmarks.bench_scaling",
 }
 
 #: What each ratio compares (engine vs baseline); ratio > 1 means the engine is better.
@@ -35,6 +37,9 @@ LABELS = {
     ("gapfill", "rmse_ml4xcube_over_engine"): "gap filling (linear): ml4xcube RMSE / engine RMSE",
     ("gapfill", "wall_vs_ml4xcube_mlp"): "gap filling (MLP) vs ml4xcube sampler+trainer, wall",
     ("gapfill", "rmse_ml4xcube_over_engine_mlp"): "gap filling (MLP): ml4xcube RMSE / engine RMSE",
+    ("write", "vs_to_zarr"): "resumable write vs plain to_zarr, threads",
+    ("write", "vs_to_zarr_2procs"): "resumable write vs plain to_zarr, 2 worker processes",
+    ("scaling", "speedup_2_workers"): "predict -> write, 2 vs 1 worker processes (speedup)",
 }
 
 

@@ -224,7 +224,10 @@ def _digest(values: Any) -> str:
         h.update(repr(a.tolist()).encode())
         return h.hexdigest()
     if a.dtype.kind in "fc":
-        a = np.where(np.isnan(a), np.array(np.nan, dtype=a.dtype), a)
+        nan = np.isnan(a)
+        if nan.any():  # copy only when there are NaNs whose payloads could differ
+            a = a.copy()
+            a[nan] = np.nan
     h.update(a.reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
