@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="default", choices=["tiny", "default", "large"])
     p.add_argument("--tag", default=None,
                    help="suffix of the results files, e.g. the machine (h100)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="print the table from the results files already written, run nothing")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -81,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for name in args.names or list(BENCHMARKS):
+        if args.summary_only:
+            from benchmarks._common import RESULTS
+
+            path = os.path.join(RESULTS, f"bench_{name}-{args.size}"
+                                + (f"-{args.tag}" if args.tag else "") + ".json")
+            if os.path.exists(path):
+                results[name] = json.load(open(path))
+            continue
         mod = importlib.import_module(BENCHMARKS[name])
         print(f"\n== {name} ==", flush=True)
         extra = ["--tag", args.tag] if args.tag else []

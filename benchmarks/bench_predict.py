@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._common import cli, machine, paired
+from benchmarks._common import cli, machine, paired, timed
 from engine.kernels.windows import n_covering_windows
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture
@@ -91,7 +91,14 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
                 model(torch.from_numpy(xb))
 
     t_predict, t_loop, ratio, t_main = _against(lambda: out.data.compute(), loop, reps)
+    # the engine's own cost per tile (cut, copy, blend, accumulate), on one thread: a
+    # 1x1 convolution in place of the model, batches of 256 as on a GPU
+    trivial = predict(ds, nn.Conv2d(3, 1, 1).eval(), tile={"lat": tile, "lon": tile},
+                      overlap=0.5, batch_size=256)
+    trivial.data.compute(scheduler="sync")
+    t_host = timed(lambda: trivial.data.compute(scheduler="sync"), max(3, reps))[0]
     return {
+        "host_ceiling_tiles_per_s_1thread": n_tiles / t_host,
         "cube": {"shape": cfg["shape"], "chunks": [1, h, w], "variables": len(VARIABLES)},
         "model": f"conv_net hidden={cfg['hidden']} layers={cfg['layers']} kernel=3",
         "tile": tile, "stride": stride, "batch_size": batch,
@@ -155,6 +162,8 @@ def _print(res: dict[str, Any]) -> None:
     print(f"{'model loop (tiled)':28s} {t['loop_s']:9.3f} {t['loop_tiles_per_s']:12.1f}")
     print(f"{'  same loop, main thread':28s} {t['loop_main_thread_s']:9.3f} "
           f"{t['tiles_run'] / t['loop_main_thread_s']:12.1f}")
+    print(f"{'predict, 1x1 conv, 1 thread':28s} {t['tiles_run'] / t['host_ceiling_tiles_per_s_1thread']:9.3f} "
+          f"{t['host_ceiling_tiles_per_s_1thread']:12.1f}  (the engine's per-tile cost)")
     print(f"{'predict (pointwise)':28s} {p['predict_s']:9.3f} {p['predict_px_per_s']:12.0f}")
     print(f"{'model loop (pointwise)':28s} {p['loop_s']:9.3f} {p['loop_px_per_s']:12.0f}")
     print(f"{'  same loop, main thread':28s} {p['loop_main_thread_s']:9.3f} "

@@ -31,11 +31,10 @@ output MB/s written, speedup ``t1 / tk`` and parallel efficiency ``speedup / k``
 
 Ratio ``speedup_2_workers`` = t1 / t2. Target 1.3 (65 % parallel efficiency): on a
 2-core machine the client, the scheduler and both workers share the two cores with
-whatever else runs; 2.0 is the unreachable ideal. Measured at default size on this
-2-core box (load 1.5-3 from other jobs): 1.71-1.86 (86-93 % efficiency). ``large`` also reports
+whatever else runs; 2.0 is the unreachable ideal. ``large`` also reports
 ``speedup_<k>_workers`` for its largest k (no target). Peak memory is sampled every
-50 ms: at ``PeakRSS``'s 5 ms default, walking the worker processes took about a quarter
-of a core and the same run gave 1.23.
+50 ms: walking the worker processes more often costs enough CPU to depress the speedup.
+Measured figures: benchmarks/README.md.
 
 A PNG with tiles/s against workers (and the ideal linear line) and the efficiency is
 written next to the JSON: ``benchmarks/results/bench_scaling-<size>.png``.
