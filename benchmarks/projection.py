@@ -88,10 +88,10 @@ def inputs(gpu_tiles_per_s: float | None = None) -> dict[str, Any]:
         "graph_mb_per_gb": pw["graph_mb_per_gb"],
         "tasks_source": "bench_write-default.json, predict -> write (threads)",
         "unet_gflop_per_tile": _unet_gflop_per_tile(),
-        # cut + copy + blend per tile in the worker process; its Python loop holds the
-        # GIL, so one GPU worker process gets about one thread's worth of it
+        # cut + copy + blend per tile in the worker process, one thread (a dask-cuda
+        # worker runs one thread per GPU by default)
         "host_tiles_per_s": pred["tiled"]["host_ceiling_tiles_per_s_1thread"],
-        "host_source": "bench_predict-default.json, predict with a 1x1 conv on one thread",
+        "host_source": "bench_predict-default.json, predict of a model that computes nothing, one thread",
     }
     measured = None
     for path in sorted(glob.glob(os.path.join(RESULTS, "bench_scaling-*-*.json"))):
@@ -129,7 +129,7 @@ def project(inp: dict[str, Any]) -> dict[str, Any]:
         wall = max(compute_s, io_s)
         row = {"gpus": n, "compute_s": compute_s, "read_s": io_s, "wall_s": wall,
                "bound": ("GPU" if inp["gpu_tiles_per_s"] <= inp["host_tiles_per_s"]
-                         else "host-side tiling (GIL)") if compute_s >= io_s else
+                         else "host-side tiling per worker") if compute_s >= io_s else
                ("object-store bandwidth" if n * PROCESS_GB_PER_S > STORE_GB_PER_S
                 else "per-worker read bandwidth"),
                "read_gb_per_s_needed": read_gb / compute_s,

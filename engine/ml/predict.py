@@ -299,6 +299,19 @@ def _gpu_name(dev: torch.device | None) -> str | None:
     return f"{torch.cuda.get_device_name(index)} (cuda:{index})"
 
 
+def _locks(dev: torch.device, lock: Any) -> tuple[Any, Any]:
+    """``(block lock, forward lock)`` from the execution context's lock.
+
+    On a CPU shared by the local threaded scheduler a whole block holds the lock: torch's
+    intra-op threads spin on every core during a forward pass, and another dask thread
+    cutting windows meanwhile slowed the forward passes by a third (measured on 2 cores).
+    On a GPU only the forward pass holds it, so the host cuts the next batch meanwhile.
+    """
+    if dev.type == "cpu":
+        return lock, contextlib.nullcontext()
+    return contextlib.nullcontext(), lock
+
+
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
     choice = _PRECISIONS[precision]
     dtype = (torch.bfloat16 if dev.type == "cuda" else None) if choice == "auto" else choice
@@ -365,13 +378,14 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
         weights = xp.asarray(weights)
     total = m_count * math.prod(counts)
     dev, lock = _execution_context(device)
+    block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
-    with torch.inference_mode():
+    with block_lock, torch.inference_mode():
         for b0 in range(0, total, batch_size):
             flat = np.arange(b0, min(total, b0 + batch_size))
             idx = np.unravel_index(flat, (m_count, *counts))
             batch = win[(idx[0], slice(None), *idx[1:])]  # (B, C, *tile), one copy
-            with lock, _autocast(dev, precision):
+            with step_lock, _autocast(dev, precision):
                 out = _forward(model, batch, dev, xp)
             if out.ndim == k + 1 and out_channels == 1:
                 out = out[:, None]
@@ -419,13 +433,14 @@ def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
     n = len(x) if rows is None else len(rows)
     if n:
         dev, lock = _execution_context(device)
+        block_lock, step_lock = _locks(dev, lock)
         model = _get_model(payload, dev)
-        with torch.inference_mode():
+        with block_lock, torch.inference_mode():
             for b0 in range(0, n, batch_size):
                 sel = slice(b0, min(n, b0 + batch_size)) if rows is None else \
                     rows[b0:b0 + batch_size]
                 batch = xp.ascontiguousarray(x[sel])
-                with lock, _autocast(dev, precision):
+                with step_lock, _autocast(dev, precision):
                     y = _forward(model, batch, dev, xp)
                 out[sel] = y.reshape(len(batch), -1)
     meter.record("predict", items=n, pixels=math.prod(shape),
