@@ -41,7 +41,7 @@ Ratio ``vs_to_zarr`` = ``to_zarr`` seconds / ``engine write`` seconds: the share
 plain write's speed the writer keeps while adding a template, region tasks, a manifest
 with checksums and resumability. Target 0.8 (the writer may cost at most 25 % more than
 a plain ``to_zarr``). Where the writer pays: each region is materialised in one task (a
-copy of up to ``region-mb`` per thread), checksummed (sha1) and written by a single
+copy of up to ``region-mb`` per thread), checksummed (CRC-32) and written by a single
 ``to_zarr(region=...)`` call, while ``to_zarr`` streams chunk by chunk on every thread;
 too few regions per thread leave nothing to overlap (the ``region-mb=N`` rows show the
 trade-off). On 2 processes with the data persisted on both workers, half of a region's
