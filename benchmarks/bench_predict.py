@@ -41,7 +41,7 @@ from engine.testing.cubes import synthetic_cube
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"shape": (2, 128, 128), "hidden": 8, "layers": 2, "tile": 32, "batch": 16,
              "pixels": (2, 128, 128), "repeats": 1},
-    "default": {"shape": (4, 256, 256), "hidden": 32, "layers": 3, "tile": 64, "batch": 32,
+    "default": {"shape": (8, 256, 256), "hidden": 32, "layers": 3, "tile": 64, "batch": 32,
                 "pixels": (8, 512, 512), "repeats": 15},
     "large": {"shape": (8, 512, 512), "hidden": 64, "layers": 3, "tile": 64, "batch": 32,
               "pixels": (16, 1024, 1024), "repeats": 3},
