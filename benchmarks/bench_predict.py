@@ -177,7 +177,8 @@ def _print(res: dict[str, Any]) -> None:
           f"{t['tiles_run'] / t['loop_main_thread_s']:12.1f}")
     print(f"{'predict, no-op model, 1 thread':28s} "
           f"{t['host_ceiling_tiles'] / t['host_ceiling_tiles_per_s_1thread']:9.3f} "
-          f"{t['host_ceiling_tiles_per_s_1thread']:12.1f}  (model computes nothing: the engine's own cost)")
+          f"{t['host_ceiling_tiles_per_s_1thread']:12.1f}  "
+          "(model computes nothing: the engine's own cost)")
     print(f"{'predict (pointwise)':28s} {p['predict_s']:9.3f} {p['predict_px_per_s']:12.0f}")
     print(f"{'model loop (pointwise)':28s} {p['loop_s']:9.3f} {p['loop_px_per_s']:12.0f}")
     print(f"{'  same loop, main thread':28s} {p['loop_main_thread_s']:9.3f} "

@@ -91,7 +91,8 @@ def inputs(gpu_tiles_per_s: float | None = None) -> dict[str, Any]:
         # cut + copy + blend per tile in the worker process, one thread (a dask-cuda
         # worker runs one thread per GPU by default)
         "host_tiles_per_s": pred["tiled"]["host_ceiling_tiles_per_s_1thread"],
-        "host_source": "bench_predict-default.json, predict of a model that computes nothing, one thread",
+        "host_source": ("bench_predict-default.json, predict of a model that computes "
+                        "nothing, one thread"),
     }
     measured = None
     for path in sorted(glob.glob(os.path.join(RESULTS, "bench_scaling-*-*.json"))):

@@ -140,8 +140,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     url, run_dir = output_locations(spec, args.output)
     from engine._version import code_version
 
-    check_destination(url, fingerprint={"job": spec_fingerprint(spec), "code_version": code_version(),
-                                        "input": f"{spec.input.catalog}#{spec.input.entry}"},
+    fingerprint = {"job": spec_fingerprint(spec), "code_version": code_version(),
+                   "input": f"{spec.input.catalog}#{spec.input.entry}"}
+    check_destination(url, fingerprint=fingerprint,
                       overwrite=args.overwrite, restart=False,
                       storage_options=spec.output.storage_options, must_resume=False)
     print(f"ok: {args.job} ({spec.kind}) target {spec.target} from {', '.join(spec.features)}; "

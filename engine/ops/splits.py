@@ -35,7 +35,9 @@ def _check_fraction(test_fraction: float) -> float:
     try:
         f = float(test_fraction)
     except (TypeError, ValueError):
-        raise SpecError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}") from None
+        raise SpecError(
+            f"test_fraction must be a number in (0, 1), got {test_fraction!r}"
+        ) from None
     if not 0.0 < f < 1.0:
         raise SpecError(f"test_fraction must be in (0, 1), got {test_fraction}")
     return f
@@ -143,7 +145,8 @@ def block_split(
         chunks=chunks,
         dtype=np.int8,
         meta=np.empty((0,) * len(dims), np.int8),
-        name=f"block-split-{seed}-{abs(hash((tuple(bsizes), tuple(widths), f, n_test, tuple(sizes)))):x}",
+        name=f"block-split-{seed}-"
+             f"{abs(hash((tuple(bsizes), tuple(widths), f, n_test, tuple(sizes)))):x}",
     )
     coords = {d: ds[d] for d in dims if d in ds.coords}
     return xr.DataArray(
@@ -189,7 +192,8 @@ def random_split(
         return np.where(u < f, TEST, TRAIN).astype(np.int8)
 
     chunks = _dim_chunks(ds, dims, {d: n for d, n in zip(dims, sizes, strict=True)})
-    data = da.map_blocks(_block, chunks=chunks, dtype=np.int8, meta=np.empty((0,) * len(dims), np.int8))
+    data = da.map_blocks(_block, chunks=chunks, dtype=np.int8,
+                         meta=np.empty((0,) * len(dims), np.int8))
     coords = {d: ds[d] for d in dims if d in ds.coords}
     return xr.DataArray(
         data, dims=dims, coords=coords, name="split",

@@ -301,10 +301,12 @@ def run_gapfill(
         "test": scores,
         "comparison": {
             "rmse_ratio_model_to_ols": scores["model"]["rmse"] / scores["ols"]["rmse"],
-            "rmse_ratio_model_to_train_mean": scores["model"]["rmse"] / scores["train_mean"]["rmse"],
+            "rmse_ratio_model_to_train_mean":
+                scores["model"]["rmse"] / scores["train_mean"]["rmse"],
             "model_beats_train_mean": scores["model"]["rmse"] < scores["train_mean"]["rmse"],
             "model_beats_ols": scores["model"]["rmse"] < scores["ols"]["rmse"],
-            "model_within_2pct_of_ols": abs(scores["model"]["rmse"] / scores["ols"]["rmse"] - 1) <= 0.02,
+            "model_within_2pct_of_ols":
+                abs(scores["model"]["rmse"] / scores["ols"]["rmse"] - 1) <= 0.02,
         },
         "ols_coefficients": dict(zip(["intercept", *spec.features],
                                      map(float, stats.ols_coef), strict=True)),
@@ -347,7 +349,8 @@ def plot_maps(ds: xr.Dataset, spec: GapFillSpec, path: str) -> str:
     tdim = [d for d in dims if d not in ("lat", "lon")]
     sel = {tdim[0]: spec.output.plot_time} if tdim else {}
     if tdim and not 0 <= spec.output.plot_time < ds.sizes[tdim[0]]:
-        raise SpecError(f"output.plot_time must be in [0, {ds.sizes[tdim[0]]}), got {spec.output.plot_time}")
+        raise SpecError(f"output.plot_time must be in [0, {ds.sizes[tdim[0]]}), "
+                        f"got {spec.output.plot_time}")
     before = ds[t].isel(sel).compute()
     after = ds[f"{t}_filled"].isel(sel).compute()
     flag = ds["filled_flag"].isel(sel).compute()

@@ -245,7 +245,8 @@ def _check_semantics(spec: GapFillSpec) -> None:
 def load_job(path: str) -> GapFillSpec:
     """Read and validate a job spec YAML file."""
     if not os.path.exists(path):
-        raise SpecError(f"job file not found: {path}; pass the path of a job spec, e.g. jobs/gapfill.yaml")
+        raise SpecError(f"job file not found: {path}; pass the path of a job spec, "
+                        "e.g. jobs/gapfill.yaml")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
