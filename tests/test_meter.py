@@ -64,3 +64,19 @@ def test_pointwise_predict_counts_cells_and_points():
     tot = m.summary()["phases"]["points"]["total"]
     assert tot["output_pixels"] == 2 * 16 * 16
     assert tot["tiles_or_points"] == int(np.isfinite(ds.t2m + ds.lst).sum())
+
+
+@pytest.mark.gpu
+def test_gpu_rows_name_the_device():
+    """Predict on a CUDA device records the GPU, and the summary has a per-GPU row."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ds = synthetic_cube({"time": 2, "lat": 64, "lon": 64}, chunks={"lat": 32})
+    m = Meter()
+    with m.phase("gpu"):
+        predict(ds, torch.nn.Conv2d(2, 1, 3, padding=1), variables=["t2m", "lst"],
+                tile={"lat": 32, "lon": 32}, device="cuda").compute()
+    ph = m.summary()["phases"]["gpu"]
+    (row,) = ph["gpus"].values()
+    assert row["output_pixels"] == ph["total"]["output_pixels"] == 2 * 64 * 64
+    assert torch.cuda.get_device_name(0) in next(iter(ph["gpus"]))

@@ -247,17 +247,19 @@ def throughput_table(phases: dict[str, Any]) -> Any:
 
     t = Table(title="throughput per worker (rates over each phase's wall time)")
     for col in ("phase", "worker", "tasks", "patch/s", "px/s", "MB/s in", "MB/s out", "busy"):
-        t.add_column(col, justify="left" if col in ("phase", "worker") else "right",
-                     no_wrap=col == "phase")
+        t.add_column(col, justify="left" if col in ("phase", "worker") else "right")
+
+    def si(x: float) -> str:  # compact, so the table fits 80 columns
+        return f"{x:,.0f}" if x < 1e4 else f"{x / 1e3:,.0f}k" if x < 1e6 else f"{x / 1e6:,.1f}M"
 
     def row(phase: str, who: str, r: dict[str, Any]) -> None:
         busy = r.get("busy_share")
-        t.add_row(phase, who, f"{r['tasks']:,}", f"{r['patches_per_s']:,.0f}",
-                  f"{r['output_pixels_per_s']:,.0f}", f"{r['mb_per_s_read']:,.1f}",
+        t.add_row(phase, who, f"{r['tasks']:,}", si(r["patches_per_s"]),
+                  si(r["output_pixels_per_s"]), f"{r['mb_per_s_read']:,.1f}",
                   f"{r['mb_per_s_written']:,.1f}", "" if busy is None else f"{busy:.0%}")
 
     for name, ph in phases.items():
-        row(f"{name} {ph['wall_s']:.1f}s", "all", ph["total"])
+        row(f"{name}\n{ph['wall_s']:.1f} s", "all", ph["total"])
         for addr, r in ph["workers"].items():
             label = (":" + addr.rsplit(":", 1)[-1] if "://" in addr else addr) \
                 + (f" [{', '.join(r['gpus'])}]" if r["gpus"] else "")
