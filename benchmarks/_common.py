@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["machine", "paired", "timed", "PeakRSS", "save", "cli", "RESULTS"]
+__all__ = ["machine", "paired", "timed", "PeakRSS", "save", "cli", "print_ratios", "RESULTS"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -139,6 +139,13 @@ class PeakRSS:
     @property
     def delta_mb(self) -> float:
         return self.peak_mb - self.start_mb
+
+
+def print_ratios(res: dict[str, Any], label: Callable[[str], str] = str) -> None:
+    """One line per ratio of ``res``: ``label(name): value`` and its target, if any."""
+    for name, value in res["ratios"].items():
+        target = res.get("targets", {}).get(name)
+        print(f"{label(name)}: {value:.2f}x" + (f" (target >= {target}x)" if target else ""))
 
 
 def save(res: dict[str, Any], tag: str | None = None) -> str:

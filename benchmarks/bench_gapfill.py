@@ -76,7 +76,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from benchmarks._common import PeakRSS, cli, machine
+from benchmarks._common import PeakRSS, cli, machine, print_ratios
 from engine.io.catalog import open_cube
 from engine.ops.splits import block_split
 from engine.ops.stats import valid_mask
@@ -376,10 +376,8 @@ def _print(res: dict[str, Any]) -> None:
               f"{f(r['peak_mb'], '8.0f'):>8s} {f(r['delta_mb'], '6.0f'):>6s}  {r['note']}")
     for kind, msg in (res["broken"] or {}).items():
         print(f"ml4xcube broken ({kind}): {msg}")
-    for k, v in res["ratios"].items():
-        what = ("ml4xcube seconds / engine seconds" if k.startswith("wall")
-                else "ml4xcube RMSE / engine RMSE")
-        print(f"{what} ({k}): {v:.2f}")
+    print_ratios(res, lambda k: ("ml4xcube seconds / engine seconds" if k.startswith("wall")
+                                 else "ml4xcube RMSE / engine RMSE") + f" ({k})")
 
 
 main = cli("gapfill", run, _print)

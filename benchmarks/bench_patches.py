@@ -31,7 +31,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from benchmarks._common import PeakRSS, cli, machine
+from benchmarks._common import PeakRSS, cli, machine, print_ratios
 from engine.ops.patches import iter_patches
 from engine.testing.cubes import synthetic_cube
 
@@ -178,9 +178,7 @@ def _print(res: dict[str, Any]) -> None:
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(f"{r['name']:32s} {r['seconds']:9.3f} {r['mb_per_s']:10.0f} "
               f"{r['patches_per_s']:12.0f} {peak:>8s}  {r['note']}")
-    for k, v in res["ratios"].items():
-        target = res["targets"].get(k)
-        print(f"iter_patches {k}: {v:.2f}x" + (f" (target >= {target}x)" if target else ""))
+    print_ratios(res, lambda k: f"iter_patches {k}")
 
 
 main = cli("patches", run, _print)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._common import cli, machine, paired, timed
+from benchmarks._common import cli, machine, paired, print_ratios, timed
 from engine.kernels.windows import n_covering_windows
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture
@@ -183,8 +183,7 @@ def _print(res: dict[str, Any]) -> None:
     print(f"{'model loop (pointwise)':28s} {p['loop_s']:9.3f} {p['loop_px_per_s']:12.0f}")
     print(f"{'  same loop, main thread':28s} {p['loop_main_thread_s']:9.3f} "
           f"{p['pixels'] / p['loop_main_thread_s']:12.0f}")
-    print(f"ratio loop/predict tiled: {t['ratio']:.2f} (target >= 0.9); "
-          f"pointwise: {p['ratio']:.2f}")
+    print_ratios(res, lambda k: f"model loop seconds / predict seconds ({k})")
 
 
 main = cli("predict", run, _print)

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from benchmarks._common import PeakRSS, cli, machine, paired, timed
+from benchmarks._common import PeakRSS, cli, machine, paired, print_ratios, timed
 from engine.ml.samples import PixelSamples
 from engine.ops.splits import block_split
 from engine.ops.stats import valid_mask
@@ -299,11 +299,9 @@ def _print(res: dict[str, Any]) -> None:
           f"{s['ml4xcube_same_object']}, random.seed(0) before each {s['ml4xcube_random_seed']}")
     print(f"test share of cells over {s['n_blocks']} blocks: engine {s['engine_test_share']:.3f}; "
           "ml4xcube " + ", ".join(f"{v:.3f}" for v in s["ml4xcube_test_share"]))
-    r = res["ratios"]
-    print(f"ml4xcube seconds / engine seconds (prep_speed_vs_ml4xcube): "
-          f"{r['prep_speed_vs_ml4xcube']:.2f}")
-    print(f"ml4xcube peak increase / engine peak increase (peak_memory_vs_ml4xcube): "
-          f"{r['peak_memory_vs_ml4xcube']:.2f}")
+    print_ratios(res, lambda k: ("ml4xcube seconds / engine seconds" if k.startswith("prep")
+                                 else "ml4xcube peak increase / engine peak increase")
+                 + f" ({k})")
 
 
 main = cli("prep", run, _print)

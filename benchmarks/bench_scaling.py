@@ -59,7 +59,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from benchmarks._common import RESULTS, PeakRSS, cli, machine
+from benchmarks._common import RESULTS, PeakRSS, cli, machine, print_ratios
 from engine.io.writer import WriteResult, write
 from engine.kernels.windows import n_covering_windows
 from engine.testing.cubes import synthetic_cube
@@ -392,9 +392,7 @@ def _print(res: dict[str, Any]) -> None:
               f"{g['tiles_per_s_per_gpu']:.0f} tiles/s per GPU "
               f"(error vs CPU fp32: max {g['relative_error_vs_cpu_fp32']:.2g}, mean "
               f"{g['mean_relative_error_vs_cpu_fp32']:.2g} of the range)")
-    for k, v in res["ratios"].items():
-        target = res["targets"].get(k)
-        print(f"{k}: {v:.2f}" + (f" (target >= {target})" if target else ""))
+    print_ratios(res)
     if res.get("png"):
         print(f"plot: {res['png']}")
 

@@ -95,7 +95,7 @@ import xarray as xr
 from dask.callbacks import Callback
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from benchmarks._common import PeakRSS, cli, machine, paired, timed
+from benchmarks._common import PeakRSS, cli, machine, paired, print_ratios, timed
 from engine.io.writer import WriteResult, write
 from engine.ml.predict import serialize_model
 from engine.testing.cubes import synthetic_cube
@@ -561,10 +561,7 @@ def _print(res: dict[str, Any]) -> None:
               f"{mb:>9s} {g['tasks_per_gb']:9.0f} {mbgb:>7s} {g['work_unit']:>6s} "
               f"{g['unit_mb']:8.2f} {g['units']:6d} {g['tasks_per_unit']:10.1f} "
               f"{g['tasks_per_chunk']:11.2f} {g['archive_tasks_per_variable']:17.3g}")
-    for k, v in res["ratios"].items():
-        target = res["targets"].get(k)
-        print(f"to_zarr seconds / engine write seconds ({k}): {v:.2f}"
-              + (f" (target >= {target})" if target else ""))
+    print_ratios(res, lambda k: f"to_zarr seconds / engine write seconds ({k})")
 
 
 main = cli("write", run, _print)
