@@ -74,7 +74,7 @@ def test_throughput_summary_per_worker(mlp_run):
     phases = rep["phases"]
     assert set(phases) == {"train", "predict+write"}
     train, pw = phases["train"], phases["predict+write"]
-    assert len(pw["workers"]) == 2 == len(train["workers"])
+    assert len(train["workers"]) == 2 and 1 <= len(pw["workers"]) <= 2
     assert train["total"]["patches"] > 0 and train["total"]["mb_per_s_read"] > 0
     cells = 12 * 90 * 180  # the demo cube's (month, lat, lon)
     assert pw["total"]["output_pixels"] == cells

@@ -80,3 +80,16 @@ def test_gpu_rows_name_the_device():
     (row,) = ph["gpus"].values()
     assert row["output_pixels"] == ph["total"]["output_pixels"] == 2 * 64 * 64
     assert torch.cuda.get_device_name(0) in next(iter(ph["gpus"]))
+
+
+def test_a_prediction_feeding_two_variables_runs_once_per_block(client, tmp_path):
+    """Regions computed inside their write task run a block shared by two output
+    variables once (no per-consumer copies of the model call), on several regions."""
+    ds = synthetic_cube({"time": 4, "lat": 16, "lon": 16}, chunks={"time": 1, "lat": 8})
+    p = predict(ds, torch.nn.Linear(2, 1), variables=["t2m", "lst"], tile=None)
+    out = ds[["t2m"]].assign(p=p, q=ds.t2m.where(np.isfinite(ds.t2m), p))
+    m = Meter(client)
+    with m.phase("w"):
+        res = write(out, str(tmp_path / "o.zarr"), client=client)
+    assert res.n_regions > 1
+    assert m.summary()["phases"]["w"]["total"]["output_pixels"] == 4 * 16 * 16

@@ -126,7 +126,8 @@ def test_sharded_round_trip(tmp_path):
     res = writer.write(ds, url, encoding=enc)
     arr = zarr.open_array(os.path.join(url, "t2m"), mode="r")
     assert arr.chunks == (4, 5, 4) and arr.shards == (8, 10, 8)
-    assert res.n_regions == 1  # 256 MB regions: the whole cube
+    # regions are whole shards (dask chunks here): 2 along time, with 2 threads or more
+    assert res.n_regions == 2 and res.regions == ((0, 0, 0), (1, 0, 0))
     xr.testing.assert_identical(open_store(url), ds.compute())
     res = writer.write(ds, str(tmp_path / "two.zarr"), encoding=enc, region_chunks={"time": 8})
     assert res.n_regions == 2

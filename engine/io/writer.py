@@ -27,6 +27,7 @@ Records the engine keeps inside the store::
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import itertools
 import json
@@ -154,6 +155,17 @@ def _check_alignment(ds: xr.Dataset, layout: Layout) -> None:
                     f"would write one object and lose data; rechunk with "
                     f"ds.chunk({{{dim!r}: {unit}}}) (or a multiple) or change the encoding"
                 )
+
+
+def _region_mb(ds: xr.Dataset, layout: Layout, client: Any) -> float:
+    """``engine.write.region-mb``, capped so that every thread gets about two regions: a
+    region is computed and written by one task, so fewer regions than threads idle them."""
+    if client is not None:
+        threads = sum(client.nthreads().values()) or 1
+    else:
+        threads = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    total_mb = sum(ds[name].nbytes for name in layout) / 2**20
+    return min(float(config.get("write.region-mb")), total_mb / (2 * threads))
 
 
 def _region_grid(
@@ -510,6 +522,45 @@ def _write_region(task: _RegionTask, data: xr.Dataset | dict) -> dict:
     return record
 
 
+def _fused(packed: dict[str, tuple[tuple[str, ...], Any]]) -> tuple[dict, dict] | None:
+    """The region's arrays with their graphs culled and optimised, to be computed inside
+    the region's own task, and the worker resources any of their layers asks for (e.g.
+    ``{"GPU": 1}`` from predict); None when a graph holds persisted data (futures).
+
+    Reading and computing a region inside its write task means its chunks never travel
+    between workers, and the scheduler sees one task per region instead of its whole
+    graph (tasks per GB of output drop by the tasks per region).
+    """
+    from distributed import Future
+
+    resources: dict = {}
+    for _, a in packed.values():
+        for layer in a.__dask_graph__().layers.values():
+            resources.update((layer.annotations or {}).get("resources", {}))
+    from dask.highlevelgraph import HighLevelGraph
+
+    arrays = [a for _, a in packed.values()]
+    keys = {k for a in arrays for k in da.core.flatten(a.__dask_keys__())}
+    # cull only, no fusion: blockwise fusion would give each sliced consumer of a shared
+    # block (the prediction feeds two variables) its own copy of the model call
+    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]).cull(keys)
+    if any(isinstance(v, Future) for v in dict(graph).values()):
+        return None
+    culled = {n: (dims, da.Array(graph, a.name, a.chunks, meta=a._meta))
+              for (n, (dims, _)), a in zip(packed.items(), arrays, strict=True)}
+    return culled, resources
+
+
+def _write_region_fused(task: _RegionTask, arrays: dict[str, tuple[tuple[str, ...], Any]]
+                        ) -> dict:
+    """Compute a region's arrays here, on this worker thread, then write them."""
+    values = dask.compute(*[a for _, a in arrays.values()], scheduler="sync",
+                          optimize_graph=False)  # culled already; shared blocks run once
+    data = xr.Dataset({n: (dims, v) for (n, (dims, _)), v in
+                       zip(arrays.items(), values, strict=True)})
+    return _write_region(task, data)
+
+
 def _region_data(ds: xr.Dataset, task: _RegionTask) -> xr.Dataset:
     sub = ds[list(task.variables)]
     sub = sub.isel({d: slice(*task.slices[str(d)]) for d in sub.dims})
@@ -531,10 +582,19 @@ def _run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None 
     token = dask.base.tokenize(ds, tasks)
 
     def submit(t: _RegionTask) -> Any:
-        with dask.annotate(region=t.id):
-            graph = dask.delayed(_write_region, pure=False)(
-                t, _pack(_region_data(ds, t)), dask_key_name=f"write-region-{t.id}-{token}"
-            )
+        key = f"write-region-{t.id}-{token}"
+        packed = _pack(_region_data(ds, t))
+        fused = _fused(packed)
+        if fused is None:  # persisted inputs: their chunks live on the cluster already
+            with dask.annotate(region=t.id):
+                graph = dask.delayed(_write_region, pure=False)(t, packed, dask_key_name=key)
+        else:
+            from dask.delayed import Delayed
+
+            arrays, resources = fused
+            with dask.annotate(region=t.id, **({"resources": resources} if resources else {})):
+                # the partial keeps the region's graph opaque: one task per region
+                graph = Delayed(key, {key: (functools.partial(_write_region_fused, t, arrays),)})
         return client.compute(graph, retries=retries)
 
     todo = iter(tasks)
@@ -650,7 +710,8 @@ def write(
     region_chunks
         Elements per region along each dimension, multiples of the Zarr chunk (shard);
         left-out dimensions get one dask chunk. Default: regions grown to about
-        ``engine.write.region-mb``.
+        ``engine.write.region-mb``, and to at most half a thread's share of the data
+        (every thread gets regions to write; a region is one task).
     encoding
         Per-variable encoding as for :meth:`xarray.Dataset.to_zarr` (``chunks``,
         ``shards``, ``compressors``...); ``chunks`` defaults to the first dask chunk.
@@ -702,7 +763,7 @@ def write(
 
     layout = _layout(ds, encoding)
     _check_alignment(ds, layout)
-    grid = _region_grid(ds, layout, region_chunks, config.get("write.region-mb"))
+    grid = _region_grid(ds, layout, region_chunks, _region_mb(ds, layout, client))
     fp = _fingerprint(ds, layout, encoding, fingerprint)
     fp_hash = hashlib.sha256(_canonical(fp).encode()).hexdigest()
     tmpl, enc = _template(ds, encoding, layout)
