@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from distributed import Client
 
 from engine import meter
@@ -93,3 +94,21 @@ def test_a_prediction_feeding_two_variables_runs_once_per_block(client, tmp_path
         res = write(out, str(tmp_path / "o.zarr"), client=client)
     assert res.n_regions > 1
     assert m.summary()["phases"]["w"]["total"]["output_pixels"] == 4 * 16 * 16
+
+
+def test_model_weights_travel_once_not_with_every_region(client, tmp_path, monkeypatch):
+    """Large literals in the region graphs (the model) are scattered once per write and
+    shared by every region task; the output equals a local compute."""
+    from engine.io import writer
+
+    monkeypatch.setattr(writer, "_LIFT_BYTES", 1)  # lift the (small) test model too
+    scattered = []
+    real = client.scatter
+    monkeypatch.setattr(client, "scatter", lambda v, **kw: scattered.append(v) or real(v, **kw))
+    ds = synthetic_cube({"time": 4, "lat": 16, "lon": 16}, chunks={"time": 1, "lat": 8})
+    torch.manual_seed(0)
+    p = predict(ds, torch.nn.Linear(2, 1), variables=["t2m", "lst"], tile=None)
+    res = write(p.to_dataset(name="p"), str(tmp_path / "o.zarr"), client=client)
+    assert res.n_regions > 1 and len(scattered) == 1
+    np.testing.assert_allclose(xr.open_zarr(str(tmp_path / "o.zarr")).p.values,
+                               p.compute(scheduler="sync").values, rtol=1e-6)

@@ -522,42 +522,72 @@ def _write_region(task: _RegionTask, data: xr.Dataset | dict) -> dict:
     return record
 
 
-def _fused(packed: dict[str, tuple[tuple[str, ...], Any]]) -> tuple[dict, dict] | None:
-    """The region's arrays with their graphs culled and optimised, to be computed inside
-    the region's own task, and the worker resources any of their layers asks for (e.g.
-    ``{"GPU": 1}`` from predict); None when a graph holds persisted data (futures).
+#: Literal graph values at least this big (a model's weights) are scattered to the
+#: cluster once per write instead of travelling inside every region's task.
+_LIFT_BYTES = 1 << 20
+
+
+def _literal_nbytes(value: Any) -> int:
+    for attr in ("nbytes", "data"):
+        v = getattr(value, attr, None)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, bytes | bytearray | memoryview):
+            return len(v)
+    return len(value) if isinstance(value, bytes | bytearray) else 0
+
+
+@dataclass
+class _FusedRegion:
+    """One region's culled graph, computed inside its write task (see :func:`_fused`)."""
+
+    graph: dict
+    arrays: dict[str, tuple[tuple[str, ...], str, tuple, Any]]  # name: dims, key, chunks, meta
+    lifted: dict[Any, Any]  # graph key: large literal value, shipped once as a future
+    resources: dict
+
+
+def _fused(packed: dict[str, tuple[tuple[str, ...], Any]]) -> _FusedRegion | None:
+    """The region's graph culled (not fused: blockwise fusion would give each sliced
+    consumer of a shared block, e.g. a prediction feeding two variables, its own copy of
+    the model call), the worker resources any layer asks for (``{"GPU": 1}`` from
+    predict), and its large literals (model weights) lifted out; None when the graph
+    holds persisted data (futures), whose chunks live on the cluster already.
 
     Reading and computing a region inside its write task means its chunks never travel
-    between workers, and the scheduler sees one task per region instead of its whole
-    graph (tasks per GB of output drop by the tasks per region).
+    between workers, and the scheduler sees one task per region instead of its graph.
     """
+    from dask._task_spec import DataNode
+    from dask.highlevelgraph import HighLevelGraph
     from distributed import Future
 
     resources: dict = {}
     for _, a in packed.values():
         for layer in a.__dask_graph__().layers.values():
             resources.update((layer.annotations or {}).get("resources", {}))
-    from dask.highlevelgraph import HighLevelGraph
-
     arrays = [a for _, a in packed.values()]
     keys = {k for a in arrays for k in da.core.flatten(a.__dask_keys__())}
-    # cull only, no fusion: blockwise fusion would give each sliced consumer of a shared
-    # block (the prediction feeds two variables) its own copy of the model call
-    graph = HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]).cull(keys)
-    if any(isinstance(v, Future) for v in dict(graph).values()):
+    graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]).cull(keys))
+    if any(isinstance(v, Future) for v in graph.values()):
         return None
-    culled = {n: (dims, da.Array(graph, a.name, a.chunks, meta=a._meta))
-              for (n, (dims, _)), a in zip(packed.items(), arrays, strict=True)}
-    return culled, resources
+    lifted = {k: v.value for k, v in graph.items()
+              if isinstance(v, DataNode) and _literal_nbytes(v.value) >= _LIFT_BYTES}
+    for k in lifted:
+        del graph[k]
+    meta = {n: (dims, a.name, a.chunks, a._meta)
+            for (n, (dims, _)), a in zip(packed.items(), arrays, strict=True)}
+    return _FusedRegion(graph, meta, lifted, resources)
 
 
-def _write_region_fused(task: _RegionTask, arrays: dict[str, tuple[tuple[str, ...], Any]]
-                        ) -> dict:
-    """Compute a region's arrays here, on this worker thread, then write them."""
-    values = dask.compute(*[a for _, a in arrays.values()], scheduler="sync",
-                          optimize_graph=False)  # culled already; shared blocks run once
-    data = xr.Dataset({n: (dims, v) for (n, (dims, _)), v in
-                       zip(arrays.items(), values, strict=True)})
+def _write_region_fused(task: _RegionTask, region: _FusedRegion, lifted_keys: list,
+                        *lifted_values: Any) -> dict:
+    """Compute a region's graph here, on this worker thread, then write it."""
+    graph = {**region.graph, **dict(zip(lifted_keys, lifted_values, strict=True))}
+    arrays = [da.Array(graph, key, chunks, meta=meta)
+              for _, key, chunks, meta in region.arrays.values()]
+    values = dask.compute(*arrays, scheduler="sync", optimize_graph=False)
+    data = xr.Dataset({n: (spec[0], v) for (n, spec), v in
+                       zip(region.arrays.items(), values, strict=True)})
     return _write_region(task, data)
 
 
@@ -581,6 +611,8 @@ def _run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None 
     limit = int(config.get("write.regions-in-flight", in_flight) or 0) or max(8, 2 * threads)
     token = dask.base.tokenize(ds, tasks)
 
+    shared: dict[Any, Any] = {}  # lifted literal (model weights) -> its future, scattered once
+
     def submit(t: _RegionTask) -> Any:
         key = f"write-region-{t.id}-{token}"
         packed = _pack(_region_data(ds, t))
@@ -588,14 +620,17 @@ def _run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None 
         if fused is None:  # persisted inputs: their chunks live on the cluster already
             with dask.annotate(region=t.id):
                 graph = dask.delayed(_write_region, pure=False)(t, packed, dask_key_name=key)
-        else:
-            from dask.delayed import Delayed
-
-            arrays, resources = fused
-            with dask.annotate(region=t.id, **({"resources": resources} if resources else {})):
-                # the partial keeps the region's graph opaque: one task per region
-                graph = Delayed(key, {key: (functools.partial(_write_region_fused, t, arrays),)})
-        return client.compute(graph, retries=retries)
+            return client.compute(graph, retries=retries)
+        names = list(fused.lifted)
+        for k in names:
+            if k not in shared:
+                shared[k] = client.scatter(fused.lifted[k], hash=False)
+        fused.lifted = {}
+        # the partial keeps the region's graph opaque: one task per region, whose only
+        # dependencies are the scattered literals
+        return client.submit(functools.partial(_write_region_fused, t, fused, names),
+                             *[shared[k] for k in names], key=key, retries=retries,
+                             resources=fused.resources or None, pure=False)
 
     todo = iter(tasks)
     pending: dict[str, tuple[Any, _RegionTask]] = {}
@@ -621,6 +656,8 @@ def _run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None 
                 running.add(new)
     finally:
         client.cancel([f for f, _ in pending.values()])
+        for fut in shared.values():
+            fut.release()
     return failures
 
 
