@@ -79,6 +79,8 @@ def inputs(gpu_tiles_per_s: float | None = None) -> dict[str, Any]:
     cpu1 = next(r for r in scaling["rows"] if r["workers"] == 1)
     pw = next(g for g in write["graphs"] if g["method"] == "predict -> write"
               and g["scheduler"] == "threads")
+    pw_cluster = next((g for g in write["graphs"] if g["method"] == "predict -> write"
+                       and g["scheduler"] == "2 procs"), None)
     out: dict[str, Any] = {
         "cpu_tiles_per_s_per_worker": cpu1["tiles_per_s_per_worker"],
         "cpu_model": scaling["model"]["cpu"] if isinstance(scaling["model"], dict)
@@ -86,7 +88,9 @@ def inputs(gpu_tiles_per_s: float | None = None) -> dict[str, Any]:
         "cpu_source": "bench_scaling-default.json, 1 CPU worker",
         "tasks_per_output_chunk": pw["tasks_per_chunk"],
         "graph_mb_per_gb": pw["graph_mb_per_gb"],
-        "tasks_source": "bench_write-default.json, predict -> write (threads)",
+        "tasks_source": "bench_write-default.json, predict -> write (threads: the dask graph)",
+        "cluster_tasks_per_region": pw_cluster["tasks_per_unit"] if pw_cluster else None,
+        "cluster_source": "bench_write-default.json, predict -> write (2 procs: the scheduler)",
         "unet_gflop_per_tile": _unet_gflop_per_tile(),
         # cut + copy + blend per tile in the worker process, one thread (a dask-cuda
         # worker runs one thread per GPU by default)
@@ -139,18 +143,21 @@ def project(inp: dict[str, Any]) -> dict[str, Any]:
                "chunkings": {}}
         for name, (ct, ch, cw) in CHUNKINGS.items():
             n_out_chunks = math.ceil(t / ct) * math.ceil(h / ch) * math.ceil(w / cw)
-            # tasks scale with chunks: per chunk the same overlap/predict/write structure
+            # a dask graph of the pipeline: tasks scale with chunks (per chunk the same
+            # overlap/predict/write structure); the engine on a cluster: one task per region
             tasks = inp["tasks_per_output_chunk"] * n_out_chunks
-            gets = n_out_chunks * V_IN
-            # one PUT per output chunk, plus one manifest record per region (regions
-            # grow to REGION_MB, whole chunks)
+            # regions grow by whole chunks up to REGION_MB (engine.write.region-mb)
             per_region = max(1, int(REGION_MB * 2**20 // (ct * ch * cw * BYTES)))
-            puts = n_out_chunks * V_OUT + math.ceil(n_out_chunks / per_region)
+            n_regions = math.ceil(n_out_chunks / per_region)
+            engine_tasks = n_regions * (inp["cluster_tasks_per_region"] or 1.0)
+            gets = n_out_chunks * V_IN
+            puts = n_out_chunks * V_OUT + n_regions  # chunks + one manifest per region
             row["chunkings"][name] = {
                 "output_chunks": n_out_chunks, "tasks": tasks,
                 "tasks_per_s": tasks / wall,
                 "scheduler_share": tasks / wall / SCHEDULER_TASKS_PER_S[0],
                 "graph_mb_if_one_submission": tasks * SCHEDULER_BYTES_PER_TASK / 1e6,
+                "engine_tasks": engine_tasks, "engine_tasks_per_s": engine_tasks / wall,
                 "get_per_s": gets / wall, "put_per_s": puts / wall,
             }
         rows.append(row)
@@ -175,8 +182,9 @@ def markdown(p: dict[str, Any]) -> str:
         f"- Rate used: {inp['effective_tiles_per_s']:,.0f} tiles/s per GPU worker (the lower).",
         f"- CPU rate: {inp['cpu_tiles_per_s_per_worker']:,.0f} tiles/s per 1-thread worker "
         f"({inp['cpu_model']}; {inp['cpu_source']}).",
-        f"- Tasks: {inp['tasks_per_output_chunk']:.1f} per output chunk "
-        f"({inp['tasks_source']}).",
+        f"- Tasks: {inp['tasks_per_output_chunk']:.1f} per output chunk in the dask graph "
+        f"({inp['tasks_source']}); {inp['cluster_tasks_per_region'] or 1:.0f} per "
+        f"{REGION_MB} MB region on the scheduler ({inp['cluster_source']}).",
         "",
         "| GPUs | compute time | read time | wall | bound by | read GB/s needed at compute speed |",
         "|---:|---:|---:|---:|---|---:|",
@@ -185,12 +193,13 @@ def markdown(p: dict[str, Any]) -> str:
         lines.append(f"| {r['gpus']} | {_fmt_s(r['compute_s'])} | {_fmt_s(r['read_s'])} | "
                      f"{_fmt_s(r['wall_s'])} | {r['bound']} | "
                      f"{r['read_gb_per_s_needed']:,.1f} |")
-    lines += ["", "| GPUs | chunking | tasks | tasks/s | of 1k tasks/s | GET/s | PUT/s |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| GPUs | chunking | dask graph tasks | tasks/s | engine tasks | tasks/s "
+              "| GET/s | PUT/s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in p["rows"]:
         for name, c in r["chunkings"].items():
             lines.append(f"| {r['gpus']} | {name} | {c['tasks']:,.0f} | "
-                         f"{c['tasks_per_s']:,.0f} | {c['scheduler_share']:.0%} | "
+                         f"{c['tasks_per_s']:,.0f} | {c['engine_tasks']:,.0f} | "
+                         f"{c['engine_tasks_per_s']:,.1f} | "
                          f"{c['get_per_s']:,.0f} | {c['put_per_s']:,.0f} |")
     return "\n".join(lines)
 
