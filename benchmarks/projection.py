@@ -42,7 +42,7 @@ RESNET50_GFLOP = 8.2                     # 4.1 GMAC per 224x224 image
 #: Chunkings of the archive compared: the one the task counts were measured with, and the
 #: engine's work unit (whole steps of one variable, ~37 MB; 4 steps ~150 MB).
 CHUNKINGS = {
-    "512x512 px, 1 step (4 MB, as measured)": (1, 512, 512),
+    "512x512 px, 4 steps (4 MB, as measured)": (4, 512, 512),
     "full grid, 1 step (37 MB)": (1, 2160, 4320),
     "full grid, 4 steps (149 MB, engine work unit)": (4, 2160, 4320),
 }
