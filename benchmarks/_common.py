@@ -54,8 +54,9 @@ def machine() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             continue
     try:
-        cpu_model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                         if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f
+                             if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu_model = platform.processor()
     return {

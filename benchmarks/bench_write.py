@@ -313,29 +313,40 @@ def _predict_input(src: xr.Dataset, steps: int) -> tuple[xr.Dataset, Any]:
 # ------------------------------------------------------------------------ sections
 
 
+def _race(data: xr.Dataset, eng: _Target, plain: _Target, reps: int, warm_steps: int,
+          labels: tuple[str, str], notes: tuple[str, str], client: Any = None
+          ) -> tuple[float, list[dict[str, Any]]]:
+    """Warm both methods up, time them interleaved, check the stores are equal; returns
+    the ratio ``to_zarr / engine`` and the two table rows."""
+    warm = data.isel(time=slice(0, warm_steps))  # imports, codecs, thread pools
+    eng.measured(_engine(warm, client))()
+    plain.measured(_to_zarr(warm))()
+    eng.peaks.clear()
+    plain.peaks.clear()
+    t_eng, t_plain, ratio = paired(eng.measured(_engine(data, client)),
+                                   plain.measured(_to_zarr(data)), reps)
+    _assert_same(eng.paths[-1], plain.paths[-1], [str(n) for n in data.data_vars])
+    last: WriteResult = eng.results[-1]
+    out_bytes = _data_bytes(data)
+    return ratio, [
+        _row(labels[0], t_eng, out_bytes, eng.peak_mb(), eng.delta_mb(),
+             notes[0].format(n=last.n_regions, mb=_region_mb(last)),
+             regions=last.n_regions, region_mb=_region_mb(last)),
+        _row(labels[1], t_plain, out_bytes, plain.peak_mb(), plain.delta_mb(), notes[1]),
+    ]
+
+
 def _threaded(cfg: dict, mem: xr.Dataset, src: xr.Dataset, root: str) -> dict[str, Any]:
     names = [str(n) for n in mem.data_vars]
     out_bytes = _data_bytes(mem)
     reps = cfg["repeats"]
     eng, plain = _Target(root, "engine"), _Target(root, "to_zarr")
     with dask.config.set(scheduler="threads"):
-        warm = mem.isel(time=slice(0, cfg["chunks"][0]))  # imports, codecs, thread pools
-        eng.measured(_engine(warm))()
-        plain.measured(_to_zarr(warm))()
-        eng.peaks.clear()
-        plain.peaks.clear()
-        t_eng, t_plain, ratio = paired(eng.measured(_engine(mem)),
-                                       plain.measured(_to_zarr(mem)), reps)
-        n_nan = _assert_same(eng.paths[-1], plain.paths[-1], names)
-        _assert_same(plain.paths[-1], mem, names)
-        last: WriteResult = eng.results[-1]
-        rows = [
-            _row("engine write", t_eng, out_bytes, eng.peak_mb(), eng.delta_mb(),
-                 f"{last.n_regions} regions of {_region_mb(last):.1f} MB, thread pool",
-                 regions=last.n_regions, region_mb=_region_mb(last)),
-            _row("to_zarr", t_plain, out_bytes, plain.peak_mb(), plain.delta_mb(),
-                 "one store graph, threaded scheduler"),
-        ]
+        ratio, rows = _race(mem, eng, plain, reps, cfg["chunks"][0],
+                            ("engine write", "to_zarr"),
+                            ("{n} regions of {mb:.1f} MB, thread pool",
+                             "one store graph, threaded scheduler"))
+        n_nan = _assert_same(plain.paths[-1], mem, names)
         finished = eng.paths[-1]
 
         def resume() -> WriteResult:
@@ -409,28 +420,14 @@ def _processes(cfg: dict, src: xr.Dataset, root: str, pred_ref: str) -> dict[str
     eng, plain = _Target(root, "engine-p"), _Target(root, "to_zarr-p")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        # both read the input store, as a job does: each region's read tasks run where
-        # it is written (persisted data would make half of every region travel)
-        mem = src
-        warm = mem.isel(time=slice(0, cfg["chunks"][0]))  # worker imports, codecs
-        eng.measured(_engine(warm, client))()
-        plain.measured(_to_zarr(warm))()
-        eng.peaks.clear()
-        plain.peaks.clear()
-        t_eng, t_plain, ratio = paired(eng.measured(_engine(mem, client)),
-                                       plain.measured(_to_zarr(mem)), reps)
-        _assert_same(eng.paths[-1], plain.paths[-1], names)
-        last: WriteResult = eng.results[-1]
-        rows = [
-            _row("engine write [2 procs]", t_eng, out_bytes, eng.peak_mb(), eng.delta_mb(),
-                 f"{last.n_regions} regions, one graph each",
-                 regions=last.n_regions, region_mb=_region_mb(last)),
-            _row("to_zarr [2 procs]", t_plain, out_bytes, plain.peak_mb(), plain.delta_mb(),
-                 "one store graph on the cluster"),
-        ]
+        # both read the input store, as a job does (persisted data would make chunks
+        # travel to the worker that writes them)
+        ratio, rows = _race(src, eng, plain, reps, cfg["chunks"][0],
+                            ("engine write [2 procs]", "to_zarr [2 procs]"),
+                            ("{n} regions, one task each", "one store graph on the cluster"),
+                            client=client)
         ref = plain.paths[-1]
         eng.clean(keep=0)
-        del mem
 
         client.register_plugin(_TaskCounter())
         counter = cluster.scheduler.plugins[_TaskCounter.name]

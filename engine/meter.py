@@ -174,13 +174,19 @@ def _rates(kinds: dict[str, dict[str, float]], wall: float) -> dict[str, Any]:
     }
 
 
+def _add(into: dict[str, dict[str, float]], kinds: dict[str, dict[str, float]]) -> None:
+    for kind, c in kinds.items():
+        acc = into.setdefault(kind, dict.fromkeys(FIELDS, 0))
+        for f in FIELDS:
+            acc[f] += c[f]
+
+
 def _phase_summary(p: dict[str, Any]) -> dict[str, Any]:
     wall = p["wall_s"]
-    workers = p["workers"]
     rows = {}
     merged: dict[str, dict[str, float]] = {}
     gpus: dict[str, dict[str, dict[str, float]]] = {}
-    for name, w in sorted(workers.items()):
+    for name, w in sorted(p["workers"].items()):
         r = _rates(w["kinds"], wall)
         nthreads = p["threads"].get(name)
         if nthreads:
@@ -188,16 +194,9 @@ def _phase_summary(p: dict[str, Any]) -> dict[str, Any]:
         r["gpus"] = w["gpus"]
         r["host"] = w["host"]
         rows[name] = r
-        for kind, c in w["kinds"].items():
-            acc = merged.setdefault(kind, dict.fromkeys(FIELDS, 0))
-            for f in FIELDS:
-                acc[f] += c[f]
+        _add(merged, w["kinds"])
         for g in w["gpus"]:  # one GPU per worker (dask-cuda); attribute its counters
-            gk = gpus.setdefault(f"{w['host']}:{name}:{g}", {})
-            for kind, c in w["kinds"].items():
-                acc = gk.setdefault(kind, dict.fromkeys(FIELDS, 0))
-                for f in FIELDS:
-                    acc[f] += c[f]
+            _add(gpus.setdefault(f"{w['host']}:{name}:{g}", {}), w["kinds"])
     return {
         "wall_s": wall,
         "total": _rates(merged, wall),

@@ -50,10 +50,9 @@ class _NoCompute:
 
 @pytest.fixture(scope="module")
 def client():
-    from distributed import Client, LocalCluster
+    from engine.testing.clusters import process_client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster) as c:
+    with process_client(2) as c:
         yield c
 
 

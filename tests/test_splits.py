@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import Client, LocalCluster
 
 from engine.errors import CubeError, SpecError
 from engine.kernels.splits import block_labels, choose_test_blocks
 from engine.ops.splits import block_split, geo_kfold, random_split
 from engine.testing.checks import raise_if_dask_computes
+from engine.testing.clusters import process_client
 
 BLOCKS = {"time": 3, "lat": 10, "lon": 10}
 
@@ -45,8 +45,7 @@ def test_block_split_is_lazy_and_stable_across_computes():
 def test_block_split_same_on_multiprocess_cluster():
     ds = cube({"time": 3, "lat": 45, "lon": 90})
     local = block_split(ds, BLOCKS, 0.2, seed=7, buffer={"lat": 1}).compute(scheduler="sync").values
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as lc, Client(lc):
+    with process_client(2):
         dist = block_split(ds, BLOCKS, 0.2, seed=7, buffer={"lat": 1}).compute().values
     np.testing.assert_array_equal(local, dist)
 

@@ -22,6 +22,7 @@ import xarray as xr
 
 from engine.errors import RegionFailedError, StoreError
 from engine.io import writer
+from engine.testing.clusters import process_client
 from engine.testing.faults import count_computations, counting_cube
 
 distributed = pytest.importorskip("distributed")
@@ -34,15 +35,8 @@ SHAPE, CHUNKS = (12, 10, 8), (4, 5, 4)
 @pytest.fixture(scope="module")
 def client():
     # one worker may die per test; the Nanny restarts it
-    with dask.config.set({"distributed.scheduler.allowed-failures": 5}):
-        with (
-            distributed.LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-            ) as cluster,
-            distributed.Client(cluster) as c,
-        ):
-            c.wait_for_workers(2, timeout=30)
-            yield c
+    with dask.config.set({"distributed.scheduler.allowed-failures": 5}), process_client(2) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ distributed = pytest.importorskip("distributed")
 pytestmark = pytest.mark.timeout(120)  # a hung cluster fails, never blocks
 
 from engine.io import writer  # noqa: E402
+from engine.testing.clusters import process_client  # noqa: E402
 from engine.testing.faults import count_computations, counting_cube  # noqa: E402
 from engine.testing.s3 import moto_s3  # noqa: E402
 
@@ -33,13 +34,7 @@ def client():
     with pytest.MonkeyPatch.context() as mp:
         for name in [k for k in os.environ if k.startswith("AWS_")]:
             mp.delenv(name)  # workers inherit this environment: keep credentials out
-        with (
-            distributed.LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-            ) as cluster,
-            distributed.Client(cluster) as c,
-        ):
-            c.wait_for_workers(2, timeout=30)
+        with process_client(2) as c:
             yield c
 
 

@@ -14,9 +14,10 @@
    ``to_zarr(region=..., mode="r+")`` and then records it in the manifest, one JSON
    object per region. On a cluster the region's culled graph runs inside that task, on
    one worker (no chunk travels, the scheduler sees one task per region, model weights
-   are scattered once), and regions are submitted in a rolling window. The manifest, never the presence of chunk objects (all-fill
-   chunks are not stored), says what is finished: a re-run skips recorded regions and
-   redoes the others in full, which is idempotent because regions are aligned.
+   are scattered once), and regions are submitted in a rolling window. The manifest,
+   never the presence of chunk objects (all-fill chunks are not stored), says what is
+   finished: a re-run skips recorded regions and redoes the others in full, which is
+   idempotent because regions are aligned.
 4. **Consolidate** the metadata once, after every region succeeded.
 
 Records the engine keeps inside the store::

@@ -202,18 +202,6 @@ def _axis_pieces(bounds: np.ndarray, lo: int, hi: int) -> list[tuple[int, slice,
     return out
 
 
-class _Done:
-    """A finished local result, held by the cache (``result()`` like a future)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: tuple[np.ndarray, np.ndarray]) -> None:
-        self.value = value
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.value
-
-
 def _in_dataloader_worker() -> tuple[int, int] | None:
     """``(worker id, num workers)`` inside a torch DataLoader worker, without importing torch."""
     data = sys.modules.get("torch.utils.data")
@@ -545,9 +533,7 @@ class PatchIterator:
                 pending.append(submit(u))
             while pending:
                 u, fut = pending.popleft()
-                res = fut.result()
-                if self.cache and client is None:
-                    self._cache[u] = _Done(res)  # keep the array, not the pool future
+                res = fut.result()  # a finished future keeps its result for the cache
                 del fut
                 nxt = next(it, None)
                 if nxt is not None:
@@ -559,11 +545,8 @@ class PatchIterator:
             for _, f in pending:
                 if not self.cache:
                     f.cancel()
-            if pool is not None:
+            if pool is not None:  # cached units still queued run to completion
                 pool.shutdown(wait=True, cancel_futures=not self.cache)
-                if self.cache:  # pool futures that never ran cannot be reused
-                    self._cache = {u: f for u, f in self._cache.items()
-                                   if not (hasattr(f, "cancelled") and f.cancelled())}
 
     def _mixed(self, results: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple]:
         """Cross-chunk shuffle: permute the patches of ``shuffle_buffer`` units together."""
