@@ -260,6 +260,13 @@ class _Target:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _write_graph_row(method: str, scheduler: str, res: WriteResult, tasks: int, subs: int,
+                     nbytes: int | None, seconds: float) -> dict[str, Any]:
+    """A graph row of an engine write: its work unit is the region."""
+    return _graph_row(method, scheduler, tasks, nbytes, subs, res.bytes_written, "region",
+                      res.bytes_written / res.n_written, res.n_written, seconds)
+
+
 def _row(name: str, seconds: float, out_bytes: int, peak: float, delta: float,
          note: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "seconds": seconds, "mb_per_s": out_bytes / MiB / seconds,
@@ -377,32 +384,26 @@ def _threaded(cfg: dict, mem: xr.Dataset, src: xr.Dataset, root: str) -> dict[st
     # here (num_workers=1); each region's graph is the same as with the thread pool.
     with dask.config.set(scheduler="threads", num_workers=1):
         graphs = []
-        rec, path = _LocalGraphs(), os.path.join(root, "acc-engine.zarr")
-        t0 = time.perf_counter()
-        with rec:
-            res = write(src, path)
-        graphs.append(_graph_row("engine write", "threads", rec.tasks, rec.nbytes,
-                                 rec.submissions, res.bytes_written, "region",
-                                 res.bytes_written / res.n_written, res.n_written,
-                                 time.perf_counter() - t0))
-        rec, path2 = _LocalGraphs(), os.path.join(root, "acc-to_zarr.zarr")
-        t0 = time.perf_counter()
-        with rec:
-            _to_zarr(src)(path2)
+
+        def account(fn: Callable[[], Any]) -> tuple[Any, int, int, int | None, float]:
+            rec, t0 = _LocalGraphs(), time.perf_counter()
+            with rec:
+                out = fn()
+            return out, rec.tasks, rec.submissions, rec.nbytes, time.perf_counter() - t0
+
+        path = os.path.join(root, "acc-engine.zarr")
+        graphs.append(_write_graph_row("engine write", "threads",
+                                       *account(lambda: write(src, path))))
+        path2 = os.path.join(root, "acc-to_zarr.zarr")
+        _, tasks, subs, nb, secs = account(lambda: _to_zarr(src)(path2))
         n_chunks, chunk_bytes = _chunk_units(src)
-        graphs.append(_graph_row("to_zarr", "threads", rec.tasks, rec.nbytes, rec.submissions,
-                                 out_bytes, "chunk", chunk_bytes, n_chunks,
-                                 time.perf_counter() - t0))
+        graphs.append(_graph_row("to_zarr", "threads", tasks, nb, subs, out_bytes, "chunk",
+                                 chunk_bytes, n_chunks, secs))
         _assert_same(path, path2, names)
         pred, model = _predict_input(src, cfg["predict_steps"])
-        rec, path3 = _LocalGraphs(), os.path.join(root, "acc-predict.zarr")
-        t0 = time.perf_counter()
-        with rec:
-            res = write(pred, path3)
-        graphs.append(_graph_row("predict -> write", "threads", rec.tasks, rec.nbytes,
-                                 rec.submissions, res.bytes_written, "region",
-                                 res.bytes_written / res.n_written, res.n_written,
-                                 time.perf_counter() - t0))
+        path3 = os.path.join(root, "acc-predict.zarr")
+        graphs.append(_write_graph_row("predict -> write", "threads",
+                                       *account(lambda: write(pred, path3))))
         for p in (path, path2):
             shutil.rmtree(p, ignore_errors=True)
     plain.clean(keep=0)
@@ -442,10 +443,9 @@ def _processes(cfg: dict, src: xr.Dataset, root: str, pred_ref: str) -> dict[str
             return out, counter.tasks, counter.submissions, nbytes, time.perf_counter() - t0
 
         path = os.path.join(root, "acc-engine-p.zarr")
-        res, tasks, subs, nb, secs = account("engine", lambda: write(src, path, client=client))
-        graphs.append(_graph_row("engine write", "2 procs", tasks, nb, subs, res.bytes_written,
-                                 "region", res.bytes_written / res.n_written, res.n_written,
-                                 secs))
+        graphs.append(_write_graph_row("engine write", "2 procs",
+                                       *account("engine", lambda: write(src, path,
+                                                                        client=client))))
         path2 = os.path.join(root, "acc-to_zarr-p.zarr")
         _, tasks, subs, nb, secs = account("to_zarr", lambda: _to_zarr(src)(path2))
         n_chunks, chunk_bytes = _chunk_units(src)
@@ -455,10 +455,9 @@ def _processes(cfg: dict, src: xr.Dataset, root: str, pred_ref: str) -> dict[str
         _assert_same(path2, ref, names)
         pred, _ = _predict_input(src, cfg["predict_steps"])
         path3 = os.path.join(root, "acc-predict-p.zarr")
-        res, tasks, subs, nb, secs = account("predict", lambda: write(pred, path3, client=client))
-        graphs.append(_graph_row("predict -> write", "2 procs", tasks, nb, subs,
-                                 res.bytes_written, "region", res.bytes_written / res.n_written,
-                                 res.n_written, secs))
+        graphs.append(_write_graph_row("predict -> write", "2 procs",
+                                       *account("predict", lambda: write(pred, path3,
+                                                                         client=client))))
         # same model, same input: the cluster's prediction equals the threaded one
         a = xr.open_zarr(path3, chunks=None)["prediction"].values
         b = xr.open_zarr(pred_ref, chunks=None)["prediction"].values
