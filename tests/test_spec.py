@@ -24,7 +24,9 @@ def bad(path, value):
 
 
 def test_shipped_jobs_parse():
-    for name in ("jobs/gapfill.yaml", "jobs/gapfill-linear.yaml", "jobs/gapfill-esdc.yaml"):
+    import glob
+
+    for name in sorted(glob.glob("jobs/*.yaml")):
         spec = load_job(name)
         assert isinstance(spec, GapFillSpec)
         assert spec.resolve(spec.input.catalog).endswith(".yaml")
@@ -70,3 +72,87 @@ def test_spec_is_frozen():
     spec = load_job("jobs/gapfill.yaml")
     with pytest.raises(AttributeError):
         spec.target = "AIRT"
+
+
+# Every range check of the spec has a bad-value case (a removed check must fail a test).
+RANGE_CASES = [
+    (("train", "epochs"), 0, "train.epochs must be in [1,"),
+    (("train", "epochs"), 10**9, "train.epochs must be in [1,"),
+    (("train", "batch_size"), 0, "train.batch_size must be in [1,"),
+    (("train", "batch_size"), 1 << 30, "train.batch_size must be in [1,"),
+    (("train", "learning_rate"), 0, "train.learning_rate must be > 0"),
+    (("train", "learning_rate"), -0.1, "train.learning_rate must be > 0"),
+    (("train", "learning_rate"), float("nan"), "train.learning_rate must be > 0"),
+    (("train", "weight_decay"), -1e-4, "train.weight_decay must be >= 0"),
+    (("train", "patience"), 0, "train.patience must be in [1,"),
+    (("train", "min_delta"), -1.0, "train.min_delta must be >= 0"),
+    (("split", "test_fraction"), -0.2, "split.test_fraction must be in (0, 1)"),
+    (("split", "validation_fraction"), 0.0, "split.validation_fraction must be in (0, 1)"),
+    (("split", "validation_fraction"), 1.0, "split.validation_fraction must be in (0, 1)"),
+    (("split", "blocks"), {"lat": 0}, "split.blocks.lat must be >= 1"),
+    (("split", "blocks"), {}, "split.blocks must name at least one dimension"),
+    (("split", "buffer"), {"lat": -1}, "split.buffer.lat must be >= 0"),
+    (("split", "seed"), -1, "split.seed must be in [0, 2**63)"),
+    (("seed",), -5, "seed must be in [0, 2**63)"),
+    (("model", "hidden"), [64, 0], "model.hidden must list positive layer widths"),
+    (("model", "hidden"), [], "model.hidden must list positive layer widths"),
+    (("model", "hidden"), [1_000_000_000], "model.hidden widths must be <="),
+    (("model", "hidden"), [60_000, 60_000], "parameters, more than"),
+    (("output", "plot_time"), -1, "output.plot_time must be >= 0"),
+    (("output", "fill_margin"), -0.1, "output.fill_margin must be in [0, 1]"),
+    (("output", "fill_margin"), 2.0, "output.fill_margin must be in [0, 1]"),
+    (("output", "url"), "", "output.url must name the output store"),
+    (("features",), [], "features must list at least one variable"),
+    (("features",), ["AIRT", "AIRT"], "features lists 'AIRT' twice"),
+    (("mask",), "AIRT", "mask 'AIRT' is also the target or a feature"),
+    (("input", "dims"), {"lat": "COADSY"}, "input.dims keys ['lat']: use y, x, time"),
+    (("name",), "../../etc", "must be one safe path component"),
+    (("name",), "/abs/path", "must be one safe path component"),
+    (("name",), "..", "must be one safe path component"),
+    (("name",), "a/b", "must be one safe path component"),
+    (("name",), "", "must be one safe path component"),
+]
+
+
+@pytest.mark.parametrize("path, value, words", RANGE_CASES,
+                         ids=[".".join(c[0]) + f"={c[1]!r}"[:30] for c in RANGE_CASES])
+def test_range_checks(path, value, words):
+    with pytest.raises(SpecError) as exc:
+        parse_spec(bad(path, value))
+    assert words in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_good_values_at_the_bounds_pass():
+    for path, value in ((("train", "epochs"), 1), (("train", "patience"), 1),
+                        (("split", "buffer"), {"lat": 0}), (("output", "fill_margin"), 0.0),
+                        (("output", "fill_margin"), 1.0), (("name",), "a.b_c-1"),
+                        (("model", "hidden"), [65_536])):
+        parse_spec(bad(path, value))
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    assert p.stat().st_size < 1024
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as exc:
+        load_job(str(p))
+    assert time.perf_counter() - t0 < 2
+    assert "\n" not in str(exc.value)
+
+
+def test_python_tags_are_not_executed(tmp_path):
+    p = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    p.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SpecError):
+        load_job(str(p))
+    assert not marker.exists()

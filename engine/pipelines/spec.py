@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import yaml
 
 from engine.errors import SpecError
 
@@ -37,11 +37,16 @@ class InputSpec:
     entry: str
     chunks: dict[str, int] | None = None
     storage_options: dict[str, Any] | None = None
+    #: The cube's dims by role (keys y, x, time, vertical) when CF attributes and names
+    #: cannot tell, e.g. ``{y: COADSY, x: COADSX}``.
+    dims: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
 class SplitSpec:
     method: Literal["block", "random"] = "block"
+    #: Block size per dim; ``lat``/``lon`` (and ``latitude``, ``y``, ...) mean the cube's
+    #: horizontal dims whatever they are called.
     blocks: dict[str, int] = field(default_factory=lambda: {"time": 3, "lat": 10, "lon": 10})
     test_fraction: float = 0.2
     validation_fraction: float = 0.1
@@ -69,9 +74,13 @@ class TrainSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     url: str
+    #: Run folder (checkpoint, metrics, plots); default: ``<store name>.run`` beside the store.
     dir: str | None = None
     storage_options: dict[str, Any] | None = None
     plot_time: int = 0
+    #: Predictions outside [min, max] of the training target, widened by this share of its
+    #: range on each side, are not written as fills (``filled_flag`` 2 = out of range).
+    fill_margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,13 @@ class GapFillSpec:
 
 
 JOB_KINDS: dict[str, type] = {"gapfill": GapFillSpec}
+
+#: Upper bounds of sizes a spec may ask for: a typo must not allocate the machine away.
+MAX_LAYER_WIDTH = 65_536
+MAX_PARAMETERS = 50_000_000
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 1 << 22
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -220,38 +236,79 @@ def parse_spec(data: dict[str, Any], base_dir: str = ".") -> GapFillSpec:
 
 
 def _check_semantics(spec: GapFillSpec) -> None:
+    """Ranges and sizes that need no cube; the cube-dependent checks run in ``prepare``."""
+    if not _SAFE_NAME.match(spec.name) or spec.name.strip(".") == "":
+        raise SpecError(f"name {spec.name!r} must be one safe path component (letters, digits, "
+                        "'.', '_', '-'; no '/', no leading '.'), e.g. gapfill-coads-mlp")
     s = spec.split
     for name, v in (("split.test_fraction", s.test_fraction),
                     ("split.validation_fraction", s.validation_fraction)):
         if not 0.0 < v < 1.0:
             raise SpecError(f"{name} must be in (0, 1), got {v}")
+    for name, mapping, low in (("split.blocks", s.blocks, 1), ("split.buffer", s.buffer, 0)):
+        for dim, v in mapping.items():
+            if v < low:
+                raise SpecError(f"{name}.{dim} must be >= {low}, got {v}")
+    if s.method == "block" and not s.blocks:
+        raise SpecError("split.blocks must name at least one dimension, e.g. {lat: 10, lon: 10}")
+    for name, v in (("split.seed", s.seed), ("seed", spec.seed)):
+        if not 0 <= v < 2**63:
+            raise SpecError(f"{name} must be in [0, 2**63), got {v}")
     if not spec.features:
         raise SpecError("features must list at least one variable")
+    if len(set(spec.features)) != len(spec.features):
+        dup = next(f for f in spec.features if spec.features.count(f) > 1)
+        raise SpecError(f"features lists {dup!r} twice; list each variable once")
     if spec.target in spec.features:
         raise SpecError(f"target {spec.target!r} is also listed in features; remove it there")
+    if spec.mask is not None and spec.mask in (spec.target, *spec.features):
+        raise SpecError(f"mask {spec.mask!r} is also the target or a feature; use a mask variable")
     t = spec.train
-    if t.epochs < 1:
-        raise SpecError(f"train.epochs must be >= 1, got {t.epochs}")
-    if t.batch_size < 1:
-        raise SpecError(f"train.batch_size must be >= 1, got {t.batch_size}")
-    if t.learning_rate <= 0:
+    if not 1 <= t.epochs <= MAX_EPOCHS:
+        raise SpecError(f"train.epochs must be in [1, {MAX_EPOCHS}], got {t.epochs}")
+    if not 1 <= t.batch_size <= MAX_BATCH_SIZE:
+        raise SpecError(f"train.batch_size must be in [1, {MAX_BATCH_SIZE}], got {t.batch_size}")
+    if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
         raise SpecError(f"train.learning_rate must be > 0, got {t.learning_rate}")
-    if t.patience < 1:
-        raise SpecError(f"train.patience must be >= 1, got {t.patience}")
-    if spec.model.kind == "mlp" and (not spec.model.hidden or min(spec.model.hidden) < 1):
-        raise SpecError("model.hidden must list positive layer widths for an mlp")
+    if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay)):
+        raise SpecError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if not 1 <= t.patience <= MAX_EPOCHS:
+        raise SpecError(f"train.patience must be in [1, {MAX_EPOCHS}], got {t.patience}")
+    if not (t.min_delta >= 0 and math.isfinite(t.min_delta)):
+        raise SpecError(f"train.min_delta must be >= 0, got {t.min_delta}")
+    m = spec.model
+    if m.kind == "mlp":
+        if not m.hidden or min(m.hidden) < 1:
+            raise SpecError("model.hidden must list positive layer widths for an mlp")
+        if max(m.hidden) > MAX_LAYER_WIDTH:
+            raise SpecError(f"model.hidden widths must be <= {MAX_LAYER_WIDTH}, got "
+                            f"{max(m.hidden)}")
+        widths = [len(spec.features), *m.hidden, 1]
+        n_params = sum((a + 1) * b for a, b in zip(widths, widths[1:], strict=False))
+        if n_params > MAX_PARAMETERS:
+            raise SpecError(f"model.hidden {m.hidden} gives {n_params:,} parameters, more than "
+                            f"{MAX_PARAMETERS:,}: use narrower or fewer layers")
+    o = spec.output
+    if o.plot_time < 0:
+        raise SpecError(f"output.plot_time must be >= 0, got {o.plot_time}")
+    if not (0 <= o.fill_margin <= 1):
+        raise SpecError(f"output.fill_margin must be in [0, 1] (a share of the training target "
+                        f"range), got {o.fill_margin}")
+    if not o.url:
+        raise SpecError("output.url must name the output store, e.g. runs/NAME/filled.zarr")
+    if spec.input.dims:
+        bad = [k for k in spec.input.dims if k not in ("y", "x", "time", "vertical")]
+        if bad:
+            raise SpecError(f"input.dims keys {bad}: use y, x, time, vertical")
 
 
 def load_job(path: str) -> GapFillSpec:
-    """Read and validate a job spec YAML file."""
-    if not os.path.exists(path):
+    """Read and validate a job spec YAML file (no aliases, bounded size: a job file is
+    untrusted data)."""
+    from engine.io.yaml_safe import load_yaml
+
+    if not os.path.isfile(path):
         raise SpecError(f"job file not found: {path}; pass the path of a job spec, "
                         "e.g. jobs/gapfill.yaml")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"job file {path} is not valid YAML{at}: fix the syntax") from None
+    data = load_yaml(path, f"job file {path}")
     return parse_spec(data, base_dir=os.path.dirname(os.path.abspath(path)))
