@@ -187,7 +187,7 @@ def _netcdf_file(src: str, tmp: str) -> tuple[str, str]:
 def _read_member(tar: tarfile.TarFile, name: str) -> bytes:
     f = tar.extractfile(name)
     if f is None:
-        raise SpecError(f"{name} in {tar.name} is not a regular file; pass a cfgrib sdist")
+        raise SpecError(f"{name} in the archive is not a regular file; pass a cfgrib sdist")
     with f:
         return f.read()
 
