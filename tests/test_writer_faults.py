@@ -21,7 +21,7 @@ import pytest
 import xarray as xr
 
 from engine.errors import RegionFailedError, StoreError
-from engine.io import writer
+from engine.io import manifest, writer
 from engine.testing.clusters import process_client
 from engine.testing.faults import count_computations, counting_cube
 
@@ -89,11 +89,11 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     import dask
-    from engine.io import writer
+    from engine.io import manifest, writer
     from engine.testing.faults import counting_cube
 
     # same code version as the resuming test process, whatever edits the tree sees meanwhile
-    writer.code_version = lambda: sys.argv[3]
+    manifest.code_version = lambda: sys.argv[3]
     dask.config.set(scheduler="threads", num_workers=2)
     ds = counting_cube(sys.argv[1], sleep=0.4)
     writer.write(ds, sys.argv[2], region_chunks={"time": 4, "lat": 5, "lon": 4})
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent(
 
 def test_killed_run_resumes_only_unfinished_regions(tmp_path, client, reference):
     work, url = tmp_path / "work", str(tmp_path / "out.zarr")
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(work), url, writer.code_version()])
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(work), url, manifest.code_version()])
     try:
         deadline = time.monotonic() + 40
         while len(writer.read_manifest(url)) < 4:

@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.errors import ResumeError, StoreExistsError
 from engine.io import stores
-from engine.io.writer import ENGINE_PREFIX
+from engine.io.manifest import ENGINE_PREFIX
 
 __all__ = ["check_destination"]
 
