@@ -150,7 +150,14 @@ def test_torchscript_file_and_state_dict_inputs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(net), str(ts))
-    np.testing.assert_allclose(predict(ds, str(ts), tile=TILE).values, ref, atol=1e-5)
+    # TorchScript is code: refused with one line unless the caller opts in
+    with pytest.raises(SpecError, match="TorchScript, which is executable.*allow_torchscript"):
+        predict(ds, str(ts), tile=TILE)
+    with pytest.raises(SpecError, match="allow_torchscript"):
+        serialize_model(str(ts))
+    got = predict(ds, str(ts), tile=TILE, allow_torchscript=True)
+    assert got.attrs["engine_model_format"] == "torchscript"
+    np.testing.assert_allclose(got.values, ref, atol=1e-5)
 
     sd = tmp_path / "weights.pt"
     torch.save(net.state_dict(), sd)

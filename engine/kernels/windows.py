@@ -9,6 +9,14 @@ The grid is **global**: along an axis of length ``n`` windows of ``size`` start 
 ``0, stride, 2*stride, ...`` (anchored at index 0 of the whole array, never of a block).
 A *full* window ends inside the array; a *partial* window starts inside but runs past
 the end (it exists only when the edge is padded).
+
+:func:`grid_padding` plans the padded grid that :func:`engine.ml.predict.predict` runs:
+both edges get the same margin, so a pixel at an array edge is covered by the same
+windows at the same positions as an interior pixel. :func:`pad_widths` and
+:func:`pad_array` define the padding content (``boundary``): ``"reflect"`` is numpy's
+``np.pad(mode="reflect")`` (mirror about the edge pixel, the edge not repeated, as
+torch's ``F.pad(mode="reflect")``), ``"nearest"`` is ``mode="edge"``, ``"constant"``
+zeros and a number that constant.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +42,12 @@ __all__ = [
     "stitch_windows",
     "weight_sum",
     "grid_starts",
+    "GridPadding",
+    "grid_padding",
+    "pad_kwargs",
+    "pad_widths",
+    "pad_array",
+    "overlap_add",
 ]
 
 
@@ -304,3 +318,140 @@ def grid_starts(shape: Sequence[int], size: Sequence[int], stride: Sequence[int]
     per_axis = [range(0, max(0, n - s) + 1, st) if n >= s else range(0)
                 for n, s, st in zip(shape, size, stride, strict=True)]
     return list(itertools.product(*per_axis))
+
+
+# -- padded grids (predict) --------------------------------------------------------------
+class GridPadding(NamedTuple):
+    """Padding of one axis and the window count of the grid over the padded axis."""
+
+    before: int
+    after: int
+    count: int
+
+
+def grid_padding(length: int, size: int, stride: int) -> GridPadding:
+    """Plan the window grid over an axis of ``length`` padded on both sides.
+
+    Every pixel must be covered by all the windows an endless grid would give it: the
+    grid reaches at least ``size - stride`` past each edge. The fewest windows that do so
+    are taken, the total padding is split equally (one pixel more after when it is odd),
+    and the windows start at ``-before + i * stride`` in array coordinates; they tile the
+    padded axis of ``before + length + after = (count - 1) * stride + size`` exactly.
+    With an even total the grid is symmetric: flipping the axis maps windows onto windows.
+    The plan depends only on ``(length, size, stride)``, never on the chunking.
+
+    Examples
+    --------
+    >>> grid_padding(64, 32, 16)
+    GridPadding(before=16, after=16, count=5)
+    >>> grid_padding(90, 32, 16)
+    GridPadding(before=19, after=19, count=7)
+    >>> grid_padding(10, 4, 4)
+    GridPadding(before=1, after=1, count=3)
+    """
+    if size < 1 or stride < 1 or stride > size:
+        raise ValueError(f"window size {size} and stride {stride}: need 1 <= stride <= size")
+    if length < 1:
+        raise ValueError(f"axis length {length} must be >= 1")
+    margin = size - stride
+    # fewest windows whose span (count-1)*stride + size reaches length + 2*margin
+    count = 1 + max(0, -(-(length + 2 * margin - size) // stride))
+    total = (count - 1) * stride + size - length
+    return GridPadding(total // 2, total - total // 2, count)
+
+
+def pad_kwargs(boundary: Any) -> dict[str, Any]:
+    """``np.pad`` keyword arguments of a ``boundary`` (see the module docstring)."""
+    if isinstance(boundary, str):
+        if boundary == "reflect":
+            return {"mode": "reflect"}
+        if boundary == "nearest":
+            return {"mode": "edge"}
+        if boundary == "constant":
+            return {"mode": "constant", "constant_values": 0.0}
+    elif isinstance(boundary, (int, float, np.number)) and not isinstance(boundary, bool):
+        return {"mode": "constant", "constant_values": float(boundary)}
+    raise ValueError(f"boundary={boundary!r}: use 'reflect', 'nearest', 'constant' or a number")
+
+
+def pad_widths(length: int, before: int, after: int, mode: str) -> list[tuple[int, int]]:
+    """``(before, after)`` steps that pad an axis of ``length`` as one ``np.pad`` would.
+
+    A reflection reaches at most ``length - 1`` pixels past an edge, so wider reflect
+    padding is applied in steps, each reflecting the axis padded so far; the result is
+    ``np.pad(mode="reflect")`` (which is periodic with period ``2 * (length - 1)``). An axis
+    of one pixel reflects as ``"edge"`` (numpy's rule). Other modes take one step.
+
+    Examples
+    --------
+    >>> pad_widths(5, 12, 9, "reflect")
+    [(4, 4), (8, 5)]
+    """
+    if before < 0 or after < 0:
+        raise ValueError(f"negative padding ({before}, {after})")
+    if mode != "reflect" or length < 2:
+        return [(before, after)] if before or after else []
+    steps = []
+    while before or after:
+        b, a = min(before, length - 1), min(after, length - 1)
+        steps.append((b, a))
+        before, after, length = before - b, after - a, length + b + a
+    return steps
+
+
+def pad_array(x: Any, widths: Sequence[tuple[int, int]], boundary: Any) -> Any:
+    """Pad a numpy or cupy array by ``widths`` per axis with ``boundary``'s content."""
+    kw = pad_kwargs(boundary)
+    xp = _namespace(x)
+    mode = kw["mode"]
+    if mode == "reflect":
+        for axis, (b, a) in enumerate(widths):
+            mode_ax = "reflect" if x.shape[axis] > 1 else "edge"
+            for sb, sa in pad_widths(x.shape[axis], b, a, "reflect"):
+                w = [(0, 0)] * x.ndim
+                w[axis] = (sb, sa)
+                x = xp.pad(x, w, mode=mode_ax)
+        return x
+    return xp.pad(x, [tuple(w) for w in widths], **kw)
+
+
+def overlap_add(acc: Any, preds: Any, stride: Sequence[int], weights: Any | None = None) -> None:
+    """Add a grid of windows into ``acc`` in place: ``acc[..., i*stride : i*stride+size] += w*p``.
+
+    ``acc`` is ``(*lead, *spatial)`` and ``preds`` ``(*lead, *counts, *size)``: window
+    ``i`` (per axis) starts at ``i * stride`` of ``acc``. Windows whose numbers agree
+    modulo ``q = ceil(size / stride)`` never overlap, so each of the ``prod(q)`` classes is
+    added through one writable strided view of ``acc`` -- a loop over grid offsets (4 for
+    50 % overlap in 2-D), not over windows. numpy or cupy (both have ``as_strided``).
+
+    Examples
+    --------
+    >>> acc = np.zeros(6, np.float32)
+    >>> overlap_add(acc, np.ones((3, 4), np.float32), (1,))
+    >>> acc
+    array([1., 2., 3., 3., 2., 1.], dtype=float32)
+    """
+    k = len(stride)
+    lead = acc.ndim - k
+    if preds.ndim != lead + 2 * k or preds.shape[:lead] != acc.shape[:lead]:
+        raise ValueError(f"windows of shape {preds.shape} do not match an accumulator of "
+                         f"shape {acc.shape} with {k} window axes")
+    counts, size = preds.shape[lead:lead + k], preds.shape[lead + k:]
+    for c, s, st, n in zip(counts, size, stride, acc.shape[lead:], strict=True):
+        if c and (c - 1) * st + s > n:
+            raise ValueError(f"{c} windows of {s} step {st} exceed axis length {n}")
+    xp = _namespace(acc)
+    q = [-(-s // st) for s, st in zip(size, stride, strict=True)]
+    for r in itertools.product(*(range(min(qi, c)) for qi, c in zip(q, counts, strict=True))):
+        sel = preds[(slice(None),) * lead
+                    + tuple(slice(ri, None, qi) for ri, qi in zip(r, q, strict=True))]
+        if weights is not None:
+            sel = sel * weights
+        base = acc[(slice(None),) * lead
+                   + tuple(slice(ri * st, None) for ri, st in zip(r, stride, strict=True))]
+        shape = base.shape[:lead] + sel.shape[lead:lead + k] + tuple(size)
+        strides = (base.strides[:lead]
+                   + tuple(base.strides[lead + j] * q[j] * stride[j] for j in range(k))
+                   + base.strides[lead:])
+        view = xp.lib.stride_tricks.as_strided(base, shape=shape, strides=strides)
+        view += sel

@@ -3,15 +3,19 @@
 Two modes share one model-shipping and loading scheme.
 
 *Tiled* (``tile={"lat": 64, "lon": 64}``): a global window grid (tile ``T``, stride
-``S = T * (1 - overlap)``) anchored at index 0. The array is padded past its far edges
-(``boundary``: reflect, nearest or a constant) just enough for the fewest grid windows
-that cover every pixel, rechunked so internal chunk boundaries are multiples of ``S``, and blocks
-share halos of ``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` and ``trim_internal``
-with the same explicit boundary, ``"none"`` at the true edges, so no window off the grid
-is ever run). Inside a block the windows are cut as strided views, run through the model
-in batches and blended with a Gaussian importance map (sigma = T/8, weights > 0)
-normalised by the summed weights in float32. Every window that covers a pixel lies
-inside that pixel's halo-extended block, so the output does not depend on the chunking.
+``S = T * (1 - overlap)``) planned by :func:`engine.kernels.windows.grid_padding`: the
+array is padded on both sides (``boundary``: reflect, nearest or a constant) by the same
+margin of at least ``T - S``, so an edge pixel is blended from as many windows as an
+interior one, and the grid tiles the padded array from its index 0. The padded array is
+rechunked so internal chunk boundaries are multiples of ``S``, and blocks share halos of
+``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` and ``trim_internal`` with the same
+explicit boundary, ``"none"`` at the true edges, so no window off the grid is ever run).
+Inside a block the windows are cut as strided views, run through the model in batches
+and blended with a Gaussian importance map (sigma = T/8, weights > 0) normalised by the
+summed weights in float32, one strided add per grid offset
+(:func:`engine.kernels.windows.overlap_add`). Every window that covers a pixel lies
+inside that pixel's halo-extended block, so the output does not depend on the chunking;
+it is cropped to the array and rechunked to the input's chunks.
 
 *Pointwise* (``tile=None``): a per-pixel model ``(n, features) -> (n, out)``, one
 ``map_blocks`` task per chunk, one model call per ``batch_size`` valid pixels; pixels
@@ -55,9 +59,10 @@ from engine.errors import CubeError, SpecError
 from engine.kernels.windows import (
     blend_depth,
     gaussian_weights,
-    grid_starts,
-    n_covering_windows,
-    weight_sum,
+    grid_padding,
+    overlap_add,
+    pad_kwargs,
+    pad_widths,
 )
 
 __all__ = [
@@ -105,6 +110,7 @@ class _Payload:
     digest: str
     factory: Callable[..., nn.Module] | None = None
     kwargs: tuple = ()
+    origin: Literal["file", "object"] = "object"
 
     def __dask_tokenize__(self) -> tuple:  # hash once, not on every tokenize
         return ("engine-model", self.digest)
@@ -147,6 +153,12 @@ def _state_dict_payload(weights: Any, architecture: str, kwargs: Mapping[str, An
     return _Payload("state_dict", data, _digest("state_dict", data, extra), factory, items)
 
 
+_TORCHSCRIPT_REFUSED = (
+    "{what} is TorchScript, which is executable code run when it loads: pass "
+    "allow_torchscript=True only for a file you trust, or ship a state_dict as "
+    "ModelSpec(weights, architecture, kwargs)")
+
+
 def _is_torchscript(data: bytes) -> bool:
     try:
         names = zipfile.ZipFile(io.BytesIO(data)).namelist()
@@ -163,9 +175,18 @@ def _quiet_jit() -> Any:
         yield
 
 
-def serialize_model(model: Any) -> _Payload:
-    """Serialise ``model`` once (see :func:`predict` for the accepted forms)."""
+def serialize_model(model: Any, *, allow_torchscript: bool = False) -> _Payload:
+    """Serialise ``model`` once (see :func:`predict` for the accepted forms).
+
+    A TorchScript *file* is executable code (its loader runs the TorchScript in it), so it
+    is refused unless ``allow_torchscript=True``. A state_dict is read with
+    ``torch.load(weights_only=True)``, which runs no code. A ``torch.jit.ScriptModule``
+    or ``nn.Module`` object is already in this process: it is shipped to the workers as
+    bytes made here, never read from a file.
+    """
     if isinstance(model, _Payload):
+        if model.kind == "torchscript" and model.origin == "file" and not allow_torchscript:
+            raise SpecError(_TORCHSCRIPT_REFUSED.format(what="the model payload"))
         return model
     if isinstance(model, ModelSpec):
         return _state_dict_payload(model.weights, model.architecture, model.kwargs)
@@ -180,7 +201,9 @@ def serialize_model(model: Any) -> _Payload:
         if not _is_torchscript(data):
             raise SpecError(f"{path!r} is not a TorchScript file: for a state_dict pass "
                             "ModelSpec(weights=path, architecture=NAME, kwargs={...})")
-        return _Payload("torchscript", data, _digest("torchscript", data))
+        if not allow_torchscript:
+            raise SpecError(_TORCHSCRIPT_REFUSED.format(what=repr(path)))
+        return _Payload("torchscript", data, _digest("torchscript", data), origin="file")
     if isinstance(model, torch.jit.ScriptModule):
         buf = io.BytesIO()
         with _quiet_jit():
@@ -345,8 +368,10 @@ def _namespace(x: Any) -> Any:
 @functools.lru_cache(maxsize=16)
 def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple[int, ...],
                       blend: str) -> np.ndarray:
-    w = gaussian_weights(tile) if blend == "gaussian" else None
-    wsum = weight_sum(ext, grid_starts(ext, tile, stride), tile, w)
+    counts = tuple((e - t) // s + 1 for e, t, s in zip(ext, tile, stride, strict=True))
+    w = gaussian_weights(tile) if blend == "gaussian" else np.ones(tile, np.float32)
+    wsum = np.zeros(ext, np.float32)
+    overlap_add(wsum, np.broadcast_to(w, counts + tile), stride)
     wsum[wsum == 0] = 1.0  # only halo pixels no full window reaches; trimmed afterwards
     wsum.setflags(write=False)
     return wsum
@@ -355,9 +380,16 @@ def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple
 # -- block functions ----------------------------------------------------------------------
 def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], batch_size: int,
                    blend: str, out_channels: int, device: str, precision: str,
-                   fill_value: float | None, depth: tuple[int, ...] = (),
-                   n_blocks: tuple[int, ...] = (), block_id: tuple[int, ...] | None = None) -> Any:
-    """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``."""
+                   fill_value: float | None, bounds: tuple[tuple[int, ...], ...] = (),
+                   real: tuple[tuple[int, int], ...] = (),
+                   block_id: tuple[int, ...] | None = None) -> Any:
+    """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``.
+
+    Local index 0 of the block is a grid point (block boundaries are multiples of the
+    stride in the padded array), so the block runs every full window of its local grid.
+    ``bounds`` (block boundaries of the padded array) and ``real`` (the array's
+    ``[start, stop)`` in it) only count the real pixels of the block's core for the meter.
+    """
     from engine.kernels.windows import window_view
 
     t0 = time.perf_counter()
@@ -372,11 +404,8 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
         x[xp.isnan(x)] = fill_value
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
     win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
-    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
-    weights = gaussian_weights(tile) if blend == "gaussian" else None
-    if weights is not None and xp is not np:
-        weights = xp.asarray(weights)
     total = m_count * math.prod(counts)
+    preds = xp.empty((total, out_channels, *tile), xp.float32)
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
@@ -393,20 +422,25 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
                 raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
                                    f"{tuple(batch.shape)}; expected (batch, {out_channels}, "
                                    f"*{tile}): check out_channels= and the model")
-            if weights is not None:
-                out *= weights
-            for i in range(len(flat)):
-                sl = tuple(slice(int(w[i]) * s, int(w[i]) * s + t)
-                           for w, s, t in zip(idx[1:], stride, tile, strict=True))
-                acc[(int(idx[0][i]), slice(None), *sl)] += out[i]
+            preds[b0:b0 + len(flat)] = out
+    # (M*prod(counts), O, *tile) -> (M, O, *counts, *tile), then one strided add per grid
+    # offset class (no loop over windows)
+    preds = xp.moveaxis(preds.reshape(m_count, *counts, out_channels, *tile), 1 + k, 1)
+    weights = gaussian_weights(tile) if blend == "gaussian" else None
+    if weights is not None and xp is not np:
+        weights = xp.asarray(weights)
+    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
+    overlap_add(acc, preds, stride, weights)
     wsum = _block_weight_sum(ext, tile, stride, blend)
     acc /= wsum if xp is np else xp.asarray(wsum)
-    core = ext  # the block less its halos (halos only towards neighbouring blocks)
-    if block_id is not None and depth:
+    pixels = m_count
+    if block_id is not None and bounds:
         at = block_id[len(block_id) - k:]
-        core = tuple(e - d * (i > 0) - d * (i < n - 1)
-                     for e, d, i, n in zip(ext, depth, at, n_blocks, strict=True))
-    meter.record("predict", items=total, pixels=m_count * math.prod(core),
+        for b, (lo, hi), i in zip(bounds, real, at, strict=True):
+            pixels *= max(0, min(b[i + 1], hi) - max(b[i], lo))
+    else:
+        pixels *= math.prod(ext)
+    meter.record("predict", items=total, pixels=pixels,
                  bytes_read=sum(int(b.nbytes) for b in blocks),
                  seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
     return acc.reshape(*others, out_channels, *ext)
@@ -478,13 +512,15 @@ def _inputs(obj: xr.Dataset | xr.DataArray, variables: Sequence[str] | None,
     return out
 
 
-def _aligned_chunks(chunks: Sequence[int], total: int, step: int, minimum: int) -> tuple:
-    """Chunks of ``total`` with internal boundaries on multiples of ``step``, each chunk at
-    least ``minimum``, as close as possible to the original boundaries."""
+def _aligned_chunks(chunks: Sequence[int], shift: int, total: int, step: int,
+                    minimum: int) -> tuple:
+    """Chunks of a padded axis of ``total`` with internal boundaries on multiples of
+    ``step``, each chunk at least ``minimum``, as close as possible to the original
+    boundaries (``chunks`` of the unpadded axis, shifted by the padding ``shift``)."""
     minimum = -(-max(step, minimum) // step) * step
     out, last = [], 0
     for b in np.cumsum(chunks)[:-1]:
-        r = int(round(b / step)) * step
+        r = int(round((b + shift) / step)) * step
         if r - last >= minimum and total - r >= minimum:
             out.append(r - last)
             last = r
@@ -492,29 +528,24 @@ def _aligned_chunks(chunks: Sequence[int], total: int, step: int, minimum: int) 
     return tuple(out)
 
 
-def _pad_end(x: da.Array, axis: int, width: int, pad_kw: dict) -> da.Array:
-    """Pad ``width`` at the end of ``axis``; a symmetric pad wider than the axis is applied
-    in steps (``da.pad`` would silently pad less)."""
-    while width > 0:
-        step = min(width, x.shape[axis]) if pad_kw["mode"] == "symmetric" else width
+def _pad(x: da.Array, axis: int, before: int, after: int, boundary: Any) -> da.Array:
+    """Pad ``axis`` like ``np.pad`` (:func:`engine.kernels.windows.pad_array`); a reflect pad
+    wider than the axis goes in steps (``da.pad`` would silently pad less)."""
+    kw = pad_kwargs(boundary)
+    if kw["mode"] == "reflect" and x.shape[axis] == 1:
+        kw = {"mode": "edge"}  # numpy's rule for a one-pixel axis
+    for b, a in pad_widths(x.shape[axis], before, after, kw["mode"]):
         widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, step)
-        x = da.pad(x, widths, **pad_kw)
-        width -= step
+        widths[axis] = (b, a)
+        x = da.pad(x, widths, **kw)
     return x
 
 
-def _pad_kwargs(boundary: Any) -> dict:
-    """``da.pad`` arguments for the padding past the far edges."""
-    if boundary == "reflect":  # repeat the edge pixel, like dask's overlap "reflect"
-        return {"mode": "symmetric"}
-    if boundary == "nearest":
-        return {"mode": "edge"}
-    if boundary == "constant" or isinstance(boundary, (int, float)) and \
-            not isinstance(boundary, bool):
-        value = 0.0 if boundary == "constant" else float(boundary)
-        return {"mode": "constant", "constant_values": value}
-    raise SpecError(f"boundary={boundary!r}: use 'reflect', 'nearest', 'constant' or a number")
+def _check_boundary(boundary: Any) -> None:
+    try:
+        pad_kwargs(boundary)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
 
 
 def predict(
@@ -533,6 +564,7 @@ def predict(
     boundary: Any = "reflect",
     channel_dim: str | None = None,
     fill_value: float | None = None,
+    allow_torchscript: bool = False,
 ) -> xr.DataArray:
     """Run a torch model blockwise over a cube; returns a lazy DataArray.
 
@@ -543,8 +575,12 @@ def predict(
         channel dim is ``channel_dim`` (default: one of variable/channel/band/feature; a
         DataArray without one is a single channel). Other dims (e.g. time) are iterated.
     model
-        An ``nn.Module``; a TorchScript file path; or :class:`ModelSpec` /
-        ``(weights, architecture, kwargs)`` with a state_dict and a registered architecture.
+        An ``nn.Module``; a TorchScript file path (only with ``allow_torchscript=True``);
+        or :class:`ModelSpec` / ``(weights, architecture, kwargs)`` with a state_dict and a
+        registered architecture. **Model files that are TorchScript or pickles are
+        executable code**: loading one runs whatever it contains. State_dicts are read with
+        ``torch.load(weights_only=True)`` and run nothing; an ``nn.Module`` object is
+        pickled here and unpickled only by this job's workers.
     tile
         Window size per spatial dim. ``None`` or ``{}``: a per-pixel model mapping
         ``(n, channels)`` to ``(n, out_channels)``.
@@ -563,11 +599,23 @@ def predict(
     out_channels
         Model output channels; more than one adds a ``"channel"`` dim.
     boundary
-        Content of the padding past the far array edges that the last windows need:
-        ``"reflect"``, ``"nearest"``, ``"constant"`` (zeros) or a number.
+        Content of the padding past both array edges that the edge windows read:
+        ``"reflect"`` (``np.pad(mode="reflect")``: mirrored about the edge pixel, which is
+        not repeated), ``"nearest"`` (the edge pixel repeated), ``"constant"`` (zeros) or
+        a number. The grid reaches ``tile - stride`` past each edge, so edge pixels are
+        blended from as many windows as interior pixels.
     fill_value
         Replace NaN inputs by this value before the model. None: in pointwise mode NaN
         pixels give NaN; in tiled mode NaN propagates through the model.
+    allow_torchscript
+        Load a TorchScript file given as ``model``. Off by default: TorchScript is code.
+
+    Returns
+    -------
+    DataArray
+        Lazy, float32, chunked exactly like the input along the input's dims. Every graph
+        key is named from a token of the inputs, the model content and every parameter, so
+        several predictions compose in one graph and a repeated call has the same keys.
 
     Examples
     --------
@@ -588,7 +636,7 @@ def predict(
         raise SpecError(f"out_channels={out_channels} must be >= 1")
     if not (device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps")):
         raise SpecError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
-    payload = serialize_model(model)
+    payload = serialize_model(model, allow_torchscript=allow_torchscript)
     # One key holds the model bytes; every block task references it.
     payload_key = dask.delayed(payload, name=f"model-{payload.digest[:16]}", pure=True,
                                traverse=False)
@@ -604,12 +652,16 @@ def predict(
 
     if not tile:
         bs = int(config.get("predict.batch-size", batch_size))
-        data = [a.data for a in arrays]
+        data = [a.data.rechunk(arrays[0].data.chunks) for a in arrays]
+        # every key names all it depends on: the inputs (their dask names hold data and
+        # chunking), the model content and every parameter; two calls compose in one graph
+        token = dask.base.tokenize("points", [x.name for x in data], payload.digest, bs,
+                                   sorted(common.items()))
         with annotate:
             y = da.map_blocks(_predict_points, *data, payload_key, new_axis=len(dims),
                               chunks=data[0].chunks + ((out_channels,),), dtype=np.float32,
                               meta=xp.empty((0,) * (len(dims) + 1), np.float32),
-                              name="predict-points", batch_size=bs, **common)
+                              name=f"predict-points-{token}", batch_size=bs, **common)
         out_dims = list(dims) + [CHANNEL_DIM]
         attrs["engine_predict"] = f"pointwise batch_size={bs}"
     else:
@@ -618,44 +670,54 @@ def predict(
             raise CubeError(f"tile dims {unknown} are not dims of the input {dims}")
         if not 0 <= overlap < 1:
             raise SpecError(f"overlap={overlap}: use a value in [0, 1)")
-        pad_kw = _pad_kwargs(boundary)
+        _check_boundary(boundary)
         tile_dims = [str(d) for d in dims if d in tile]
         others = [str(d) for d in dims if d not in tile]
         size = tuple(int(tile[d]) for d in tile_dims)
+        if min(size) < 1:
+            raise SpecError(f"tile={dict(tile)}: sizes must be >= 1")
         stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
         depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))
         bs = int(config.get("predict.tile-batch-size", batch_size))
         k0 = len(others)
+        xs = [a.transpose(*others, *tile_dims).data for a in arrays]
+        in_chunks = xs[0].chunks
+        # the global grid: same margin past both edges (engine.kernels.windows.grid_padding)
+        plans = [grid_padding(xs[0].shape[k0 + j], t, s)
+                 for j, (t, s) in enumerate(zip(size, stride, strict=True))]
+        target = list(in_chunks[:k0])
+        for j, (pl, s, d) in enumerate(zip(plans, stride, depth, strict=True)):
+            padded = pl.before + xs[0].shape[k0 + j] + pl.after
+            target.append(_aligned_chunks(in_chunks[k0 + j], pl.before, padded, s, d))
         data = []
-        for a in arrays:
-            x = a.transpose(*others, *tile_dims).data
-            widths, target = [(0, 0)] * k0, list(x.chunks[:k0])
-            for j, (t, s, d) in enumerate(zip(size, stride, depth, strict=True)):
-                n = x.shape[k0 + j]
-                # pad for the fewest grid windows that cover every real pixel, no further
-                padded = max(n, (n_covering_windows(n, t, s) - 1) * s + t)
-                widths.append((0, padded - n))
-                target.append(_aligned_chunks(x.chunks[k0 + j], padded, s, d))
-            for ax, (_, w) in enumerate(widths):
-                x = _pad_end(x, ax, w, pad_kw)
+        for x in xs:
+            for j, pl in enumerate(plans):
+                x = _pad(x, k0 + j, pl.before, pl.after, boundary)
             data.append(x.rechunk(tuple(target)))
-        # Halos only between blocks ("none" at the true edges): the grid starts at 0 and
-        # the padding above holds its last window, so no off-grid window is ever run.
+        # Halos only between blocks ("none" at the true edges): the padded array holds the
+        # whole grid from its index 0, so no off-grid window is ever run.
         ov_depth = {k0 + j: d for j, d in enumerate(depth)}
         ov_bnd = dict.fromkeys(ov_depth, "none")
         ext = [da.overlap.overlap(x, depth=ov_depth, boundary=ov_bnd) for x in data]
         chunks = ext[0].chunks[:k0] + ((out_channels,),) + ext[0].chunks[k0:]
+        bounds = tuple(tuple(int(v) for v in np.cumsum((0,) + c)) for c in target[k0:])
+        real = tuple((pl.before, pl.before + xs[0].shape[k0 + j]) for j, pl in enumerate(plans))
+        params = {"tile": size, "stride": stride, "batch_size": bs, "blend": blend,
+                  "bounds": bounds, "real": real, **common}
+        token = dask.base.tokenize("tiles", [x.name for x in ext], [x.name for x in xs],
+                                   in_chunks, payload.digest, str(boundary), type(boundary).__name__,
+                                   sorted(params.items()))
         with annotate:
             y = da.map_blocks(_predict_tiles, *ext, payload_key, new_axis=k0, chunks=chunks,
                               dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
-                              name="predict-tiles", tile=size, stride=stride, batch_size=bs,
-                              blend=blend, depth=depth,
-                              n_blocks=tuple(len(c) for c in ext[0].chunks[k0:]), **common)
+                              name=f"predict-tiles-{token}", **params)
         # trim with the SAME boundary as the overlap, else the outer halos stay (dask docs)
         y_depth = {k0 + 1 + j: d for j, d in enumerate(depth)}
         y_bnd = dict.fromkeys(y_depth, "none")
         y = da.overlap.trim_internal(y, y_depth, boundary=y_bnd)
-        y = y[(slice(None),) * (k0 + 1) + tuple(slice(0, arrays[0].sizes[d]) for d in tile_dims)]
+        y = y[(slice(None),) * (k0 + 1) + tuple(slice(lo, hi) for lo, hi in real)]
+        # back to the input's chunking, so the output writes and merges next to its input
+        y = y.rechunk(in_chunks[:k0] + ((out_channels,),) + in_chunks[k0:])
         out_dims = others + [CHANNEL_DIM] + tile_dims
         attrs["engine_predict"] = (f"tile={dict(zip(tile_dims, size, strict=True))} stride="
                                    f"{dict(zip(tile_dims, stride, strict=True))} blend={blend} "
