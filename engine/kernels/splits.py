@@ -8,11 +8,28 @@ import numpy as np
 
 from engine.kernels.hashing import uniform_from_index
 
-__all__ = ["choose_test_blocks", "block_labels", "TRAIN", "TEST", "BUFFER"]
+__all__ = [
+    "choose_test_blocks",
+    "choose_test_blocks_by_cells",
+    "block_extents",
+    "block_labels",
+    "label_counts",
+    "fold_labels",
+    "TRAIN",
+    "TEST",
+    "BUFFER",
+]
 
 TRAIN = np.int8(1)
 TEST = np.int8(0)
 BUFFER = np.int8(-1)
+
+
+def _block_order(grid: tuple[int, ...], seed: int) -> np.ndarray:
+    """Flat block numbers in the order of their score, a pure function of (index, seed)."""
+    idx = np.indices(grid, dtype=np.int64).reshape(len(grid), -1)
+    score = uniform_from_index(seed, *idx)
+    return np.lexsort((np.arange(score.size), score))  # ties broken by flat index
 
 
 def choose_test_blocks(grid: Sequence[int], n_test: int, seed: int) -> np.ndarray:
@@ -21,13 +38,67 @@ def choose_test_blocks(grid: Sequence[int], n_test: int, seed: int) -> np.ndarra
     Each block gets a score that is a pure function of (its multi-index, seed); the
     ``n_test`` lowest scores are test blocks. The count is exact, unlike one coin flip
     per block, and the choice does not depend on chunking or execution order.
+
+    Examples
+    --------
+    >>> choose_test_blocks((2, 3), 2, seed=0).sum()
+    np.int64(2)
     """
     grid = tuple(int(g) for g in grid)
-    idx = np.indices(grid, dtype=np.int64).reshape(len(grid), -1)
-    score = uniform_from_index(seed, *idx)
-    order = np.lexsort((np.arange(score.size), score))  # ties broken by flat index
-    test = np.zeros(score.size, dtype=bool)
+    order = _block_order(grid, seed)
+    test = np.zeros(order.size, dtype=bool)
     test[order[:n_test]] = True
+    return test.reshape(grid)
+
+
+def block_extents(sizes: Sequence[int], blocks: Sequence[int]) -> list[np.ndarray]:
+    """Cells of each block along each dimension (the last block of a dim may be short).
+
+    Examples
+    --------
+    >>> [e.tolist() for e in block_extents([23, 17], [10, 10])]
+    [[10, 10, 3], [10, 7]]
+    """
+    out = []
+    for n, b in zip(sizes, blocks, strict=True):
+        starts = np.arange(0, n, b, dtype=np.int64)
+        out.append(np.minimum(starts + b, n) - starts)
+    return out
+
+
+def _cells(extents: Sequence[np.ndarray]) -> np.ndarray:
+    """Cells of every block: the outer product of the per-dimension extents."""
+    cells = np.ones((), np.int64)
+    for e in extents:
+        cells = np.multiply.outer(cells, np.asarray(e, np.int64))
+    return cells
+
+
+def choose_test_blocks_by_cells(
+    extents: Sequence[np.ndarray], fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean block grid whose test blocks hold the share ``fraction`` of the cells.
+
+    Blocks are taken in the order of their score (as :func:`choose_test_blocks`) and the
+    prefix whose cells come closest to ``fraction`` of all cells is the test set (ties:
+    the shorter prefix). Each block changes the running total by its cells, so the test
+    share in cells is within half of the largest block's cells of the target. When all
+    blocks have the same cells this is ``round(fraction * n_blocks)`` blocks. May return
+    no test block or no train block; the caller decides whether that is an error.
+
+    Examples
+    --------
+    >>> ext = block_extents([25], [10])  # blocks of 10, 10 and 5 cells
+    >>> choose_test_blocks_by_cells(ext, 0.2, seed=1).astype(int).tolist()  # 5 of 25 cells
+    [0, 0, 1]
+    """
+    cells = _cells(extents)
+    grid = cells.shape
+    order = _block_order(grid, seed)
+    running = np.concatenate([[0], np.cumsum(cells.reshape(-1)[order])])
+    k = int(np.argmin(np.abs(running - fraction * running[-1])))
+    test = np.zeros(order.size, dtype=bool)
+    test[order[:k]] = True
     return test.reshape(grid)
 
 
@@ -86,7 +157,7 @@ def block_labels(
         g = np.arange(s, s + n)
         outside = (g < 0) | (g >= size)
         if outside.any():
-            sl = [slice(None)] * ext.ndim
+            sl: list[slice | np.ndarray] = [slice(None)] * ext.ndim
             sl[axis] = outside
             ext[tuple(sl)] = False
     near = ext
@@ -103,3 +174,79 @@ def _max_filter_1d(a: np.ndarray, axis: int, w: int) -> np.ndarray:
     for k in range(2 * w + 1):
         out |= np.take(a, np.arange(k, k + n), axis=axis)
     return out
+
+
+def _segments(n: int, b: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of the runs of cells along one dim that share one label pattern:
+    the same block, and the same blocks within ``w`` cells (cuts at ``s``, ``s - w`` and
+    ``s + w`` for each interior block boundary ``s``)."""
+    cuts = {0, n, *range(b, n, b)}
+    if w:
+        for s in range(b, n, b):
+            cuts.update((s - w, s + w))
+    edges = np.array(sorted(c for c in cuts if 0 <= c <= n), np.int64)
+    return edges[:-1], np.diff(edges)
+
+
+def label_counts(
+    blocks: Sequence[int], test_grid: np.ndarray, buffer: Sequence[int], sizes: Sequence[int]
+) -> dict[str, int]:
+    """Cells labelled train, test and buffer by :func:`block_labels` over the whole array.
+
+    Computed on runs of cells with one label (at most three per block and buffered
+    dim) instead of on every cell, so the cost is that of the block grid, not the cube.
+
+    Examples
+    --------
+    >>> grid = np.array([[True, False], [False, False]])
+    >>> label_counts([2, 2], grid, [1, 0], [4, 4])
+    {'train': 10, 'test': 4, 'buffer': 2}
+    """
+    ndim = len(sizes)
+    segs = [_segments(int(n), int(b), int(w)) for n, b, w in zip(sizes, blocks, buffer,
+                                                                   strict=True)]
+    own, lo, hi = [], [], []
+    for (starts, _), n, b, w in zip(segs, sizes, blocks, buffer, strict=True):
+        own.append(starts // b)
+        lo.append(np.maximum(starts - w, 0) // b)
+        hi.append(np.minimum(starts + w, n - 1) // b)
+    is_test = test_grid[np.ix_(*own)]
+    # any test block in the box [lo, hi] per dim: a summed-area table, inclusion-exclusion
+    sat = np.pad(test_grid.astype(np.int64), [(1, 0)] * ndim)
+    for axis in range(ndim):
+        sat = np.cumsum(sat, axis=axis)
+    near = np.zeros(is_test.shape, np.int64)
+    for corner in np.ndindex(*([2] * ndim)):
+        idx = [h + 1 if c else l_ for c, l_, h in zip(corner, lo, hi, strict=True)]
+        sign = -1 if (ndim - sum(corner)) % 2 else 1
+        near += sign * sat[np.ix_(*idx)]
+    weight = _cells([length for _, length in segs])
+    test = int(weight[is_test].sum())
+    buffer_cells = int(weight[~is_test & (near > 0)].sum())
+    return {"train": int(weight.sum()) - test - buffer_cells, "test": test,
+            "buffer": buffer_cells}
+
+
+def fold_labels(k: int, n: int, buffer: int, periodic: bool, lo: int, hi: int) -> np.ndarray:
+    """Labels ``(k, hi - lo)`` of contiguous folds along a dim of ``n`` cells, cells
+    ``[lo, hi)``: fold ``i`` tests the ``i``-th of ``k`` near-equal ranges, cells within
+    ``buffer`` of it are -1 (wrapping around when ``periodic``), the rest train.
+
+    Examples
+    --------
+    >>> fold_labels(2, 6, 1, False, 0, 6).tolist()
+    [[0, 0, 0, -1, 1, 1], [1, 1, -1, 0, 0, 0]]
+    """
+    edges = np.linspace(0, n, k + 1).round().astype(np.int64)
+    pos = np.arange(lo, hi, dtype=np.int64)
+    labels = np.full((k, hi - lo), TRAIN, dtype=np.int8)
+    for i in range(k):
+        a, b = edges[i], edges[i + 1]
+        if buffer:
+            if periodic:
+                dist = np.minimum((a - pos) % n, (pos - (b - 1)) % n)
+            else:
+                dist = np.where(pos < a, a - pos, pos - (b - 1))
+            labels[i, (dist > 0) & (dist <= buffer)] = BUFFER
+        labels[i, (pos >= a) & (pos < b)] = TEST
+    return labels
