@@ -1,0 +1,92 @@
+"""Fixtures shared by the test modules, and the suite's quiet logging.
+
+Fixtures
+--------
+client        a 2-process LocalCluster on 127.0.0.1 and its client, per module; the
+              workers start without AWS_* variables (credentials come only through
+              storage_options)
+thread_client an in-process cluster of 2 one-thread workers and its client, per test
+s3            moto's S3 server on 127.0.0.1 with one empty bucket, per module
+no_compute    a context manager under which any dask compute fails the test
+demo_store    a private copy of the committed demo store, per test
+run_cli       calls the command line's main and returns (exit code, stdout, stderr)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_STORE = os.path.join(ROOT, "catalogs", "data", "coads_climatology.zarr")
+
+# distributed logs at INFO by default, also from clusters that close at interpreter exit,
+# i.e. after pytest's summary; tests assert on results, not on these lines. The variable
+# reaches worker processes, the logger level this process (distributed may be imported).
+os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator:
+    from engine.testing.clusters import process_client
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            mp.delenv(name)  # workers inherit this environment: keep credentials out
+        with process_client(2) as c:
+            yield c
+
+
+@pytest.fixture
+def thread_client() -> Iterator:
+    from distributed import Client
+
+    with Client(processes=False, n_workers=2, threads_per_worker=1,
+                dashboard_address=":0") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator:
+    from engine.testing.s3 import moto_s3
+
+    with moto_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def no_compute() -> Callable[[], contextlib.AbstractContextManager]:
+    """``with no_compute(): ...`` fails the test if anything inside computes with dask."""
+    import dask
+
+    def refuse(dsk, keys, **kwargs):
+        raise AssertionError(f"dask computed {len(dsk)} tasks where nothing may compute")
+
+    return lambda: dask.config.set(scheduler=refuse)
+
+
+@pytest.fixture
+def demo_store(tmp_path) -> str:
+    """Path of a copy of ``catalogs/data/coads_climatology.zarr`` that a test may change."""
+    dest = tmp_path / "input" / "coads_climatology.zarr"
+    shutil.copytree(DEMO_STORE, dest)
+    return str(dest)
+
+
+@pytest.fixture
+def run_cli(capsys) -> Callable[[list[str]], tuple[int, str, str]]:
+    """``code, out, err = run_cli(["run", job, ...])`` through ``engine._cli.main.main``."""
+    from engine._cli.main import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        code = main(args)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
