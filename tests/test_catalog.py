@@ -149,8 +149,11 @@ def test_v1_parameters_and_env(tmp_path, monkeypatch):
               chunks: {time: "{{ tchunk }}"}
         """,
     )
-    assert read_entry(path, "cube").chunks == {"time": 6}
-    assert open_cube(path, "cube").chunks["time"] == (6, 6)
+    allowed = ["CUBE_ENGINE_TEST_STORE"]
+    assert read_entry(path, "cube", allow_env=allowed).chunks == {"time": 6}
+    assert open_cube(path, "cube", allow_env=allowed).chunks["time"] == (6, 6)
+    with dask.config.set({"engine.catalog.allow-env": allowed}):
+        assert read_entry(path, "cube").url == str(tmp_path / "c.zarr")
 
 
 # ---------------------------------------------------------------------------------- lazy
@@ -393,8 +396,8 @@ def test_unknown_variable_and_dimension():
     assert "AIRT" in str(err.value)
     with pytest.raises(CubeError, match="dimension 'depth'"):
         open_cube(DEMO, ENTRY, sel={"depth": 0})
-    with pytest.raises(CubeError, match="'x'"):
-        open_cube(DEMO, ENTRY, chunks={"x": 5})
+    with pytest.raises(CubeError, match="chunks dimension 'depth'"):
+        open_cube(DEMO, ENTRY, chunks={"depth": 5})
     with pytest.raises(SpecError):
         open_cube(DEMO, ENTRY, chunks={"time": 0})
 

@@ -1,18 +1,30 @@
 """Open cubes from Intake catalogs, lazily, with work-unit chunks.
 
-Two YAML flavours are read:
+Two YAML flavours are read, both by :mod:`engine.io.intake_parse`, as data against
+allow-lists (intake itself never sees a catalog: it would import and call whatever
+``module:callable`` the catalog names):
 
 * **Intake 2** (``version: 2``; ``data:`` + ``entries:`` with
   ``intake.readers.readers:XArrayDatasetReader`` over the ``Zarr``, ``NetCDF3`` or
-  ``HDF5`` datatypes). Intake itself parses the file and fills in its templates
-  (``{CATALOG_DIR}``, ``{env(NAME)}``, user parameters, ``{data(token)}`` references).
+  ``HDF5`` datatypes). Templates ``{CATALOG_DIR}``, user parameters, ``{data(token)}`` as
+  the entry's data, and ``{env(NAME)}`` for allowed names are filled in.
 * **Intake V1** (``sources:`` with ``driver: zarr`` / ``netcdf`` /
-  ``intake_xarray.*``). These are parsed here, without intake-xarray: ``{{ CATALOG_DIR }}``,
-  ``{{ env(NAME) }}`` and parameter defaults are substituted.
+  ``intake_xarray.*``), without intake-xarray: ``{{ CATALOG_DIR }}``, parameter defaults
+  and ``{{ env(NAME) }}`` for allowed names are substituted.
 
 Both are normalised to one :class:`CatalogEntry` and opened by one xarray call, so a V1
 and a V2 description of the same store give identical Datasets. Relative paths resolve
 against the catalog file's directory in both flavours.
+
+Trust: environment variables are read only when named by ``allow_env=`` or
+``engine.catalog.allow-env``; a remote catalog may name local files only with
+``allow_local=True`` or ``engine.catalog.allow-local-from-remote``. Everything listed,
+described, set as an attribute or raised is redacted (:mod:`engine.redact`).
+
+Dims: the cube's dims are renamed to ``time``/``lat``/``lon`` where a name alias or CF
+attributes (``units: degrees_north``, ``axis: Y``, ``standard_name: latitude``) say so and
+the name is free. ``chunks`` (the caller's or the entry's) and ``sel`` accept the canonical
+names, their aliases (``latitude``, ``y``, ``COADSY`` ...) and the store's own names.
 
 Chunks: an explicit ``chunks`` mapping (the caller's, else the entry's) is used as
 given; without one (or with intake's ``chunks: {}``) the storage chunks are coarsened to
@@ -23,21 +35,24 @@ written later from these chunks stay aligned.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import fsspec
 import xarray as xr
-import yaml
 
 from engine import config
-from engine.dims import ALIASES, LAT, LON, TIME
-from engine.errors import CatalogError, CubeError, SpecError
+from engine.dims import ALIASES, LAT, LON, TIME, cube_dims, resolve_keys
+from engine.errors import CatalogError, CubeError, EngineError, SpecError
+from engine.io.intake_parse import (
+    CatalogEntry,
+    first_line,
+    protocol,
+    read_catalog,
+)
+from engine.redact import redact, redact_url
 
 __all__ = [
     "CatalogEntry",
@@ -50,100 +65,31 @@ __all__ = [
 ]
 
 Chunks = Mapping[str, int] | Literal["auto", "storage"] | None
-Format = Literal["zarr", "netcdf"]
-
-_SECRET_KEYS = {"key", "secret", "token", "password", "aws_secret_access_key", "session_token"}
-_V1_DRIVERS: dict[str, Format] = {
-    "zarr": "zarr",
-    "intake_xarray.xzarr.ZarrSource": "zarr",
-    "intake_xarray.ZarrSource": "zarr",
-    "netcdf": "netcdf",
-    "intake_xarray.netcdf.NetCDFSource": "netcdf",
-    "intake_xarray.NetCDFSource": "netcdf",
-}
-_V2_DATATYPES: dict[str, tuple[Format, str]] = {
-    "Zarr": ("zarr", "zarr"),
-    "NetCDF3": ("netcdf", "scipy"),
-    "HDF5": ("netcdf", "h5netcdf"),
-}
-_V2_READER = "intake.readers.readers:XArrayDatasetReader"
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One catalog entry, normalised from either YAML flavour.
-
-    Attributes
-    ----------
-    name, catalog
-        The entry name and the catalog's absolute path or URL.
-    url
-        Resolved location of the data (absolute path or fsspec URL).
-    format
-        ``"zarr"`` or ``"netcdf"``.
-    engine
-        xarray backend engine (None lets xarray guess).
-    storage_options
-        fsspec options for ``url``.
-    open_kwargs
-        Further keyword arguments for :func:`xarray.open_dataset` (``consolidated``,
-        ``group``, ``decode_times`` ...), without ``chunks``.
-    chunks
-        The entry's chunks: a mapping, or None when the entry leaves them to the engine.
-    description, metadata
-        From the catalog; ``version`` is 1 or 2.
-    reader
-        The V2 reader class or the V1 driver named in the catalog.
-    """
-
-    name: str
-    catalog: str
-    url: str
-    format: Format
-    engine: str | None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    open_kwargs: dict[str, Any] = field(default_factory=dict)
-    chunks: dict[str, int] | None = None
-    description: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    version: int = 2
-    reader: str = _V2_READER
-
-    def summary(self) -> dict[str, Any]:
-        """Plain-dict view for listings (secrets in storage options are redacted)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "url": self.url,
-            "format": self.format,
-            "engine": self.engine,
-            "storage_options": _redact(self.storage_options),
-            "chunks": self.chunks,
-            "catalog_version": self.version,
-            "reader": self.reader,
-            "metadata": self.metadata,
-        }
-
 
 # --------------------------------------------------------------------------- public API
 
 
 def list_entries(
-    catalog: str | os.PathLike, *, catalog_storage_options: Mapping[str, Any] | None = None
+    catalog: str | os.PathLike,
+    *,
+    catalog_storage_options: Mapping[str, Any] | None = None,
+    allow_env: Iterable[str] | None = None,
+    allow_local: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Entries of a catalog, from the YAML alone (no data store is touched).
 
-    Returns one dict per entry with ``name``, ``description``, ``url``, ``format``,
-    ``engine``, ``storage_options`` (secrets redacted), ``chunks``, ``catalog_version``,
-    ``reader`` (V2 reader class or V1 driver) and ``metadata``.
+    Returns one dict per entry (:meth:`CatalogEntry.to_dict`, redacted) with ``name``,
+    ``description``, ``url``, ``format``, ``engine``, ``storage_options``, ``chunks``,
+    ``catalog_version``, ``reader`` (V2 reader class or V1 driver) and ``metadata``.
 
     Examples
     --------
     >>> [e["name"] for e in list_entries("catalogs/demo.yaml")]  # doctest: +SKIP
     ['coads_climatology']
     """
-    cat = _load(catalog, catalog_storage_options)
-    return [_entry(cat, name).summary() for name in cat.names]
+    cat = read_catalog(catalog, catalog_storage_options, allow_env=allow_env,
+                       allow_local=allow_local)
+    return [cat.entry(name).to_dict() for name in cat.names]
 
 
 def read_entry(
@@ -151,9 +97,17 @@ def read_entry(
     entry: str,
     *,
     catalog_storage_options: Mapping[str, Any] | None = None,
+    allow_env: Iterable[str] | None = None,
+    allow_local: bool | None = None,
 ) -> CatalogEntry:
-    """Parse one entry of a catalog into a :class:`CatalogEntry` (YAML only, no data)."""
-    return _entry(_load(catalog, catalog_storage_options), entry)
+    """Parse one entry of a catalog into a :class:`CatalogEntry` (YAML only, no data).
+
+    The entry holds the real URL and storage options; show or persist only
+    :meth:`CatalogEntry.to_dict`.
+    """
+    cat = read_catalog(catalog, catalog_storage_options, allow_env=allow_env,
+                       allow_local=allow_local)
+    return cat.entry(entry)
 
 
 def open_cube(
@@ -166,6 +120,8 @@ def open_cube(
     storage_options: Mapping[str, Any] | None = None,
     target_mb: float | None = None,
     catalog_storage_options: Mapping[str, Any] | None = None,
+    allow_env: Iterable[str] | None = None,
+    allow_local: bool | None = None,
     **open_kwargs: Any,
 ) -> xr.Dataset:
     """Open a catalog entry as a lazy, dask-backed :class:`xarray.Dataset`.
@@ -183,33 +139,43 @@ def open_cube(
         ``"auto"``: storage chunks coarsened to about ``target_mb`` per variable chunk.
         ``"storage"``: the storage chunks. A mapping ``{dim: size}`` (``-1`` = whole
         dim) is used as given for the dims it names, storage chunks for the others.
-        Sizes are always rounded up to whole multiples of the storage chunks.
+        Sizes are always rounded up to whole multiples of the storage chunks. Dims may
+        be named canonically (``lat``), by alias (``latitude``, ``y``) or as in the store.
     variables
         Keep only these data variables (coordinates are kept).
     sel
         Label selection applied after chunking with :meth:`xarray.Dataset.sel`, e.g.
-        ``{"time": slice("2002-05-21", "2002-08-01"), "lat": slice(60, 30)}``.
+        ``{"time": slice("2002-05-21", "2002-08-01"), "lat": slice(60, 30)}``; dims
+        named as for ``chunks``.
     storage_options
         fsspec options for the data, merged over the entry's (keys given here win).
     target_mb
         Work-unit size for ``"auto"``; defaults to ``engine.chunks.target-mb``.
     catalog_storage_options
         fsspec options for reading the catalog file itself.
+    allow_env
+        Names of environment variables the catalog's ``{env(NAME)}`` templates may read;
+        defaults to ``engine.catalog.allow-env`` (none). Any other is refused.
+    allow_local
+        Whether a remote catalog (``s3://``, ``https://`` ...) may name local files;
+        defaults to ``engine.catalog.allow-local-from-remote`` (False).
     **open_kwargs
         Passed to :func:`xarray.open_dataset`, over the entry's own arguments.
 
     Returns
     -------
     xarray.Dataset
-        Canonical dims (``time``, ``lat``, ``lon``), dask arrays, and the attributes
-        ``engine_catalog`` (absolute path or URL) and ``engine_entry``.
+        Canonical dims (``time``, ``lat``, ``lon``) where they can be told, dask arrays,
+        and the attributes ``engine_catalog`` (absolute path or URL, redacted) and
+        ``engine_entry``.
 
     Examples
     --------
     >>> ds = open_cube("catalogs/demo.yaml", "coads_climatology", variables=["SST", "AIRT"])
     ... # doctest: +SKIP
     """
-    spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options)
+    spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options,
+                      allow_env=allow_env, allow_local=allow_local)
     ds = _open_lazy(spec, storage_options, open_kwargs)
     ds = _subset(ds, variables, spec.name)
     storage = storage_chunks(ds)
@@ -218,7 +184,7 @@ def open_cube(
     ds = ds.chunk(plan)
     if sel:
         ds = _select(ds, sel, spec.name)
-    ds.attrs["engine_catalog"] = spec.catalog
+    ds.attrs["engine_catalog"] = redact_url(spec.catalog)
     ds.attrs["engine_entry"] = spec.name
     return ds
 
@@ -231,14 +197,19 @@ def describe_entry(
     target_mb: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
     catalog_storage_options: Mapping[str, Any] | None = None,
+    allow_env: Iterable[str] | None = None,
+    allow_local: bool | None = None,
 ) -> dict[str, Any]:
     """Describe an entry from the catalog and the store's metadata, reading no data values.
+
+    Everything returned is redacted (URL passwords and query values, storage options,
+    credential-like keys; values read from environment variables show as their template).
 
     Returns
     -------
     dict
         ``name``, ``catalog``, ``catalog_version``, ``description``, ``metadata``, ``url``,
-        ``format``, ``storage_options`` (redacted), ``dims`` ({dim: size}), ``extent``
+        ``format``, ``storage_options``, ``dims`` ({dim: size}), ``extent``
         ({dim: [first, last]} of index coordinates, which xarray reads on open),
         ``variables`` ({name: {dims, shape, dtype, units, long_name, standard_name,
         storage_chunks, chunks, nbytes, n_chunks}}), ``storage_chunks`` and ``chunks``
@@ -247,15 +218,17 @@ def describe_entry(
         attributes) and ``provenance`` (the subset of them that records origin:
         ``source*``, ``engine_*``, ``history``, ``license``, ``date_created`` ...).
     """
-    spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options)
+    spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options,
+                      allow_env=allow_env, allow_local=allow_local)
     ds = _open_lazy(spec, storage_options, {})
     storage = storage_chunks(ds)
     plan = _plan(ds, storage, spec.chunks if chunks is None else chunks, target_mb)
     variables = {name: _describe_var(ds[name], storage, plan) for name in ds.data_vars}
-    out = spec.summary()
+    out = spec.to_dict()
     del out["chunks"]
+    attrs = redact(dict(ds.attrs))
     out.update(
-        catalog=spec.catalog,
+        catalog=redact_url(spec.catalog),
         dims={str(d): int(n) for d, n in ds.sizes.items()},
         extent={str(d): _extent(ds, d) for d in ds.dims if d in ds.indexes},
         variables=variables,
@@ -263,8 +236,8 @@ def describe_entry(
         chunks=plan,
         nbytes=sum(v["nbytes"] for v in variables.values()),
         n_chunks=sum(v["n_chunks"] for v in variables.values()),
-        attrs=dict(ds.attrs),
-        provenance=_provenance(ds.attrs),
+        attrs=attrs,
+        provenance=_provenance(attrs),
     )
     ds.close()
     return out
@@ -358,240 +331,6 @@ def coarsen_chunks(
     return chunk(mult)
 
 
-# ------------------------------------------------------------------------ catalog parsing
-
-
-@dataclass
-class _Loaded:
-    path: str  # absolute path or URL of the catalog file
-    directory: str  # its directory, same form
-    version: int
-    doc: dict[str, Any]
-    names: list[str]
-    intake_cat: Any = None
-
-
-def _load(catalog: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> _Loaded:
-    path = _absolute(os.fspath(catalog))
-    so = dict(storage_options or {})
-    try:
-        with fsspec.open(path, "rt", **so) as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise CatalogError(
-            f"catalog file not found: {catalog}; pass the path of an Intake YAML catalog, "
-            "e.g. catalogs/demo.yaml"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise CatalogError(f"cannot read catalog {catalog}: {_first_line(err)}") from err
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise CatalogError(
-            f"catalog {catalog} is not valid YAML ({problem}{line}); fix the file"
-        ) from None
-    directory = _parent(path)
-    if isinstance(doc, dict) and doc.get("version") == 2:
-        return _load_v2(path, directory, doc, so)
-    if isinstance(doc, dict) and isinstance(doc.get("sources"), dict):
-        return _Loaded(path, directory, 1, doc, [str(n) for n in doc["sources"]])
-    raise CatalogError(
-        f"{catalog} is not an Intake catalog: expected 'version: 2' with 'entries:', "
-        "or a V1 'sources:' mapping"
-    )
-
-
-def _load_v2(
-    path: str, directory: str, doc: dict[str, Any], storage_options: dict[str, Any]
-) -> _Loaded:
-    from intake.readers.entry import Catalog
-
-    # intake wants every key spelled out; hand-written catalogs may leave empty ones out
-    for key in ("entries", "data", "user_parameters", "aliases", "metadata"):
-        if doc.get(key) is None:
-            doc[key] = {}
-    for section in ("entries", "data"):
-        for item in doc[section].values():
-            if isinstance(item, dict):
-                for key in ("kwargs", "metadata", "user_parameters"):
-                    if item.get(key) is None:
-                        item[key] = {}
-    for item in doc["entries"].values():
-        if isinstance(item, dict):
-            item.setdefault("output_instance", "xarray:Dataset")
-    try:
-        cat = Catalog.from_dict(doc)
-    except Exception as err:  # intake raises assorted errors on malformed catalogs
-        raise CatalogError(
-            f"catalog {path} is not a valid Intake 2 catalog ({_first_line(err)})"
-        ) from err
-    # what intake's from_yaml_file sets; a plain directory path keeps local URLs plain
-    cat.user_parameters["CATALOG_PATH"] = path
-    cat.user_parameters["CATALOG_DIR"] = directory
-    cat.user_parameters["STORAGE_OPTIONS"] = storage_options
-    names = list(cat.entries) + [a for a in cat.aliases if a not in cat.entries]
-    return _Loaded(path, directory, 2, doc, names, cat)
-
-
-def _entry(cat: _Loaded, name: str) -> CatalogEntry:
-    if name not in cat.names:
-        raise CatalogError(_unknown_entry(name, cat))
-    if cat.version == 2:
-        return _entry_v2(cat, name)
-    return _entry_v1(cat, name)
-
-
-def _unknown_entry(name: str, cat: _Loaded) -> str:
-    close = difflib.get_close_matches(name, cat.names, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    listed = ", ".join(cat.names) or "(none)"
-    return f"entry {name!r} is not in catalog {cat.path}; {hint}available entries: {listed}"
-
-
-def _entry_v2(cat: _Loaded, name: str) -> CatalogEntry:
-    description = cat.intake_cat.entries[cat.intake_cat.aliases.get(name, name)]
-    if description.reader != _V2_READER:
-        raise CatalogError(
-            f"entry {name!r} in {cat.path} uses reader {description.reader}; cube-engine "
-            f"opens {_V2_READER} entries"
-        )
-    try:
-        reader = cat.intake_cat[name]
-        data = reader.data
-    except Exception as err:
-        raise CatalogError(
-            f"entry {name!r} in {cat.path} cannot be resolved ({_first_line(err)})"
-        ) from err
-    kind = type(data).__name__
-    if kind not in _V2_DATATYPES:
-        raise CatalogError(
-            f"entry {name!r} in {cat.path} has datatype {kind}; use one of "
-            + ", ".join(_V2_DATATYPES)
-        )
-    fmt, engine = _V2_DATATYPES[kind]
-    kwargs = {
-        k: v for k, v in reader.kwargs.items() if k not in ("args", "data", "output_instance")
-    }
-    kwargs.pop("metadata", None)
-    root = getattr(data, "root", None) or ""
-    if fmt == "zarr" and root:
-        kwargs.setdefault("group", root)
-    url = data.url[0] if isinstance(data.url, list | tuple) and len(data.url) == 1 else data.url
-    if not isinstance(url, str):
-        raise CatalogError(f"entry {name!r} in {cat.path} names several files; give one store")
-    metadata = dict(description.metadata or {})
-    return CatalogEntry(
-        name=name,
-        catalog=cat.path,
-        url=_resolve(url, cat.directory),
-        format=fmt,
-        engine=kwargs.pop("engine", engine),
-        storage_options=dict(data.storage_options or {}),
-        open_kwargs=kwargs,
-        chunks=_entry_chunks(kwargs.pop("chunks", None), name, cat.path),
-        description=str(metadata.get("description", "")),
-        metadata=metadata,
-        version=2,
-    )
-
-
-def _entry_v1(cat: _Loaded, name: str) -> CatalogEntry:
-    source = cat.doc["sources"][name] or {}
-    driver = str(source.get("driver", ""))
-    if driver not in _V1_DRIVERS:
-        raise CatalogError(
-            f"entry {name!r} in {cat.path} uses driver {driver!r}; cube-engine reads V1 "
-            "drivers " + ", ".join(sorted(_V1_DRIVERS))
-        )
-    fmt = _V1_DRIVERS[driver]
-    params = {
-        **_v1_parameters(cat.doc.get("user_parameters")),
-        **_v1_parameters(source.get("parameters")),
-    }
-    params["CATALOG_DIR"] = cat.directory
-    args = _render(dict(source.get("args") or {}), params, name, cat.path)
-    url = args.pop("urlpath", None)
-    if not isinstance(url, str):
-        raise CatalogError(f"entry {name!r} in {cat.path} has no single 'urlpath' in its args")
-    storage_options = dict(args.pop("storage_options", None) or {})
-    args.pop("metadata", None)
-    # NetCDFSource keeps xarray's arguments under xarray_kwargs; ZarrSource passes them flat
-    kwargs = {**args.pop("xarray_kwargs", {}), **args}
-    for unsupported in ("combine", "concat_dim", "path_as_pattern"):
-        kwargs.pop(unsupported, None)
-    metadata = dict(source.get("metadata") or {})
-    description = str(source.get("description", "") or metadata.get("description", ""))
-    return CatalogEntry(
-        name=name,
-        catalog=cat.path,
-        url=_resolve(url, cat.directory),
-        format=fmt,
-        engine=kwargs.pop("engine", "zarr" if fmt == "zarr" else None),
-        storage_options=storage_options,
-        open_kwargs=kwargs,
-        chunks=_entry_chunks(kwargs.pop("chunks", None), name, cat.path),
-        description=description,
-        metadata=metadata,
-        version=1,
-        reader=driver,
-    )
-
-
-def _v1_parameters(params: Any) -> dict[str, Any]:
-    out = {}
-    for key, value in (params or {}).items():
-        out[str(key)] = value.get("default") if isinstance(value, dict) else value
-    return out
-
-
-_JINJA = re.compile(r"{{\s*(.*?)\s*}}")
-_ENV = re.compile(r"env\(\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)['\"]?\s*\)")
-
-
-def _render(value: Any, params: Mapping[str, Any], name: str, path: str) -> Any:
-    """Substitute V1 ``{{ ... }}`` templates (parameters, CATALOG_DIR, env(NAME))."""
-    if isinstance(value, dict):
-        return {k: _render(v, params, name, path) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_render(v, params, name, path) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def one(match: re.Match[str]) -> str:
-        expr = match.group(1)
-        env = _ENV.fullmatch(expr)
-        if env:
-            return os.environ.get(env.group(1), "")
-        if expr in params:
-            return str(params[expr])
-        raise CatalogError(
-            f"entry {name!r} in {path} uses template {{{{ {expr} }}}}, which is not a "
-            "parameter, CATALOG_DIR or env(NAME)"
-        )
-
-    whole = _JINJA.fullmatch(value.strip())
-    if whole and whole.group(1) in params:  # keep the parameter's own type (int, bool ...)
-        return params[whole.group(1)]
-    return _JINJA.sub(one, value)
-
-
-def _entry_chunks(value: Any, name: str, path: str) -> dict[str, int] | None:
-    """Entry chunks: a mapping, or None for intake's ``{}`` / ``auto`` / absent."""
-    if value is None or value == {} or value == "auto":
-        return None
-    if not isinstance(value, dict) or not all(
-        isinstance(v, int) and (v > 0 or v == -1) for v in value.values()
-    ):
-        raise CatalogError(
-            f"entry {name!r} in {path}: chunks must map dims to positive sizes (or -1), "
-            f"got {value!r}"
-        )
-    return {_canonical(str(k)): int(v) for k, v in value.items()}
-
-
 # ----------------------------------------------------------------------- opening the data
 
 
@@ -608,24 +347,65 @@ def _open_lazy(
     target: Any = spec.url
     try:
         if spec.format == "zarr":
-            if so:
+            if so and (protocol(spec.url) != "file" or "::" in spec.url):
                 kwargs["storage_options"] = so
-        elif _protocol(spec.url) != "file":
+        elif protocol(spec.url) != "file":
             target = fsspec.open(spec.url, "rb", **so).open()
         ds = xr.open_dataset(target, engine=engine, chunks=None, **kwargs)
+    except EngineError:
+        raise
     except Exception as err:  # backends raise their own types (botocore, zarr, h5py ...)
-        raise CatalogError(
-            f"cannot open entry {spec.name!r} at {spec.url}: {_first_line(err)}; check its "
-            f"url and arguments in {spec.catalog}"
-        ) from err
+        shown = spec.to_dict()["url"]
+        raise CatalogError(" ".join(spec.scrub(
+            f"cannot open entry {spec.name!r} at {shown}: {first_line(err)}; check its "
+            f"url and arguments in {spec.catalog}").split())) from None
     return _canonical_dims(ds)
 
 
+_ROLE_NAMES = {"y": LAT, "x": LON, "time": TIME}
+_PROJECTED = ("projection_x_coordinate", "projection_y_coordinate", "grid_latitude",
+              "grid_longitude")
+_METRES = ("m", "km", "metre", "metres", "meter", "meters", "kilometre", "kilometres")
+
+
+def _cf_says(ds: xr.Dataset, dim: str, role: str) -> bool:
+    """Whether the CF attributes of ``dim``'s coordinate say it is geographic lat/lon or time
+    (a projected ``x``/``y`` in metres, or a rotated pole grid, is left alone)."""
+    if dim not in ds.coords:
+        return False
+    attrs = ds.coords[dim].attrs
+    axis = str(attrs.get("axis", "")).upper()
+    std = str(attrs.get("standard_name", "")).lower()
+    units = str(attrs.get("units", "")).strip().lower().replace(" ", "_")
+    if role == "time":
+        return axis == "T" or std == "time" or "_since_" in units
+    north, east = role == "y", role == "x"
+    if units.startswith("degree") and (
+        (north and units.endswith(("north", "_n", "n"))) or
+        (east and units.endswith(("east", "_e", "e")))
+    ):
+        return True
+    if std == ("latitude" if north else "longitude"):
+        return True
+    return axis == ("Y" if north else "X") and std not in _PROJECTED and units not in _METRES
+
+
 def _canonical_dims(ds: xr.Dataset) -> xr.Dataset:
-    renames = {}
+    """Rename dims to ``time``/``lat``/``lon`` by alias or CF attributes, never onto a
+    name the cube already uses."""
+    try:
+        found = cube_dims(ds)
+        roles = {found.y: "y", found.x: "x", found.time: "time"}
+    except CubeError:  # two dims claim one role: rename by alias only
+        roles = {}
+    renames: dict[Any, str] = {}
     for dim in ds.dims:
         target = _canonical(str(dim))
-        if target != dim and target not in ds.variables and target not in ds.dims:
+        role = roles.get(str(dim))
+        if target == dim and role is not None and _cf_says(ds, str(dim), role):
+            target = _ROLE_NAMES[role]
+        if target != dim and target not in ds.variables and target not in ds.dims \
+                and target not in renames.values():
             renames[dim] = target
     return ds.rename(renames) if renames else ds
 
@@ -652,13 +432,7 @@ def _subset(ds: xr.Dataset, variables: Sequence[str] | None, entry: str) -> xr.D
 
 
 def _select(ds: xr.Dataset, sel: Mapping[str, Any], entry: str) -> xr.Dataset:
-    for dim in sel:
-        if dim not in ds.dims:
-            raise CubeError(
-                f"dimension {dim!r} in sel is not in cube {entry!r}; dims: "
-                + ", ".join(map(str, ds.dims))
-            )
-    return ds.sel(dict(sel))
+    return ds.sel(resolve_keys(ds, sel, "sel"))
 
 
 def _plan(
@@ -675,12 +449,7 @@ def _plan(
     if not isinstance(wanted, Mapping):
         raise SpecError(f"chunks must be 'auto', 'storage' or a mapping, got {wanted!r}")
     plan = dict(storage)
-    for dim, size in wanted.items():
-        dim = _canonical(str(dim))
-        if dim not in sizes:
-            raise CubeError(
-                f"chunks names dimension {dim!r}, not in the cube; dims: " + ", ".join(sizes)
-            )
+    for dim, size in resolve_keys(ds, wanted, "chunks").items():
         if not isinstance(size, int) or (size <= 0 and size != -1):
             raise SpecError(f"chunks[{dim!r}] must be a positive int or -1, got {size!r}")
         size = sizes[dim] if size == -1 else size
@@ -741,57 +510,3 @@ def _plain(value: Any) -> Any:
     return item() if callable(item) else value
 
 
-# ------------------------------------------------------------------------------ paths etc.
-
-
-def _protocol(url: str) -> str:
-    if "::" in url:
-        url = url.split("::")[-1]
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
-        return url.split("://", 1)[0]
-    return "file"
-
-
-def _absolute(path: str) -> str:
-    if _protocol(path) == "file":
-        if path.startswith("file://"):
-            path = path[len("file://") :]
-        return os.path.abspath(os.path.expanduser(path))
-    return path
-
-
-def _parent(path: str) -> str:
-    if _protocol(path) == "file":
-        return os.path.dirname(path)
-    return path.rsplit("/", 1)[0]
-
-
-def _resolve(url: str, directory: str) -> str:
-    """Absolute path or URL: relative paths are taken relative to the catalog directory."""
-    if "::" in url or _protocol(url) != "file":
-        return url
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    url = os.path.expanduser(url)
-    if os.path.isabs(url):
-        return os.path.normpath(url)
-    if _protocol(directory) == "file":
-        return os.path.normpath(os.path.join(directory, url))
-    return f"{directory.rstrip('/')}/{url}"
-
-
-def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if isinstance(value, Mapping):
-            out[key] = _redact(value)
-        elif key.lower() in _SECRET_KEYS and value:
-            out[key] = "***"
-        else:
-            out[key] = value
-    return out
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
