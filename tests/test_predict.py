@@ -171,6 +171,8 @@ def test_torchscript_file_and_state_dict_inputs(tmp_path):
         predict(ds, str(sd), tile=TILE)
     with pytest.raises(SpecError, match="do not load"):
         predict(ds, ModelSpec(str(sd), "conv_net", {"in_channels": 3, "hidden": 5}))
+    with pytest.raises(SpecError, match="TorchScript archive, not a state_dict"):
+        predict(ds, ModelSpec(str(ts), "conv_net", kwargs), tile=TILE)
     with pytest.raises(SpecError, match="not found"):
         predict(ds, str(tmp_path / "missing.pt"))
 
@@ -211,6 +213,67 @@ def test_gpu_annotation_only_for_cuda():
         layers = out.data.__dask_graph__().layers
         ann = [lay.annotations for name, lay in layers.items() if name.startswith("predict-")]
         assert ann and all((a or {}).get("resources") == want for a in ann)
+
+
+def _net(seed: int, out: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ELU(), nn.Conv2d(4, out, 3, padding=1))
+
+
+def _keys(arr) -> set:
+    return set(map(str, dict(arr.data.__dask_graph__())))
+
+
+@pytest.mark.parametrize("tile", [TILE, None])
+def test_two_models_compose_in_one_graph(tile):
+    ds = synthetic_cube(SHAPE, chunks={"lat": 40, "lon": 25})
+    a_net, b_net = (_net(0), _net(1)) if tile else (nn.Linear(3, 1), nn.Linear(3, 1))
+    a, b = predict(ds, a_net, tile=tile), predict(ds, b_net, tile=tile)
+    va, vb = dask.compute(a, b)
+    assert np.abs(va.values - vb.values).max() > 1e-3  # was exactly 0.0: shared keys
+    np.testing.assert_array_equal(va.values, a.values)
+    np.testing.assert_array_equal(vb.values, b.values)
+
+
+def test_one_model_over_two_chunkings_in_one_graph():
+    net = _net(2)
+    a = predict(synthetic_cube(SHAPE, chunks={"lat": 40, "lon": 25}), net, tile=TILE)
+    b = predict(synthetic_cube(SHAPE, chunks={"lat": 45, "lon": 70}), net, tile=TILE)
+    va, vb = dask.compute(a, b)  # used to fail with "Missing dependency" or mix blocks
+    assert a.chunks != b.chunks
+    np.testing.assert_allclose(va.values, vb.values, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(va.values, a.values)
+
+
+def test_keys_are_deterministic_and_name_every_input():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 40, "lon": 25})
+    net = _net(3)
+    base = {"tile": TILE, "overlap": 0.5, "blend": "gaussian", "boundary": "reflect",
+            "precision": "auto", "device": "auto", "batch_size": 8, "out_channels": 1,
+            "fill_value": None}
+    first = predict(ds, net, **base)
+    assert _keys(predict(ds, net, **base)) == _keys(first)  # same call, same keys
+    variants = [{"tile": {"lat": 16, "lon": 32}}, {"overlap": 0.25}, {"blend": "mean"},
+                {"boundary": "nearest"}, {"boundary": 0.0}, {"boundary": "constant"},
+                {"precision": "bf16"}, {"device": "cpu"}, {"batch_size": 9},
+                {"out_channels": 2}, {"fill_value": 0.0}]
+    names = {first.data.name}
+    for change in variants:
+        out = predict(ds, net, **{**base, **change})
+        names.add(out.data.name)
+        mapped = [k for k in _keys(out) if "predict-tiles" in k]
+        assert mapped and not set(mapped) & {k for k in _keys(first) if "predict-tiles" in k}
+    other_model = predict(ds, _net(4), **base)
+    other_chunks = predict(synthetic_cube(SHAPE, chunks={"lat": 45}), net, **base)
+    other_data = predict(synthetic_cube(SHAPE, chunks={"lat": 40, "lon": 25}, seed=1), net,
+                         **base)
+    names |= {other_model.data.name, other_chunks.data.name, other_data.data.name}
+    assert len(names) == len(variants) + 4
+    pa = predict(ds, nn.Linear(3, 1), tile=None)
+    pb = predict(ds, nn.Linear(3, 1), tile=None)
+    assert pa.data.name != pb.data.name  # two random models
+    assert predict(ds, pa_model := nn.Linear(3, 1), tile=None).data.name == \
+        predict(ds, pa_model, tile=None).data.name
 
 
 def test_bf16_autocast_on_cpu_stays_close_and_float32():

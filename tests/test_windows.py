@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import itertools
 
+import dask.array as da
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.kernels.windows import (
     WindowGrid,
+    accumulate_windows,
     blend_depth,
     gaussian_weights,
+    grid_padding,
     grid_starts,
     n_covering_windows,
     n_full_windows,
+    overlap_add,
+    pad_array,
+    pad_kwargs,
     stitch_windows,
     weight_sum,
     window_starts,
@@ -130,3 +138,82 @@ def test_stitch_marks_uncovered_pixels_nan():
     preds = np.ones((1, 4, 4), np.float32)
     out = stitch_windows(preds, [(0, 0)], (6, 6))
     assert np.isnan(out[4:, :]).all() and (out[:4, :4] == 1).all()
+
+
+# -- the padded grid of predict ---------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 70), st.data())
+def test_grid_padding_gives_every_pixel_the_windows_of_an_endless_grid(n, size, data):
+    stride = data.draw(st.integers(1, size))
+    before, after, count = grid_padding(n, size, stride)
+    assert before + n + after == (count - 1) * stride + size  # the grid tiles the padding
+    assert 0 <= after - before <= 1  # split equally, the odd pixel after
+    starts = -before + stride * np.arange(count)
+    # an endless grid with the same phase: every window touching the array is in ours
+    endless = -before + stride * np.arange(-(n + size), n + size)
+    touching = endless[(endless < n) & (endless + size > 0)]
+    assert set(touching) <= set(starts)
+    # and the fewest such windows: dropping either end window loses the margin
+    margin = size - stride
+    assert before >= margin and after >= margin
+    if count > 1:
+        assert (count - 2) * stride + size < n + 2 * margin
+
+
+def test_grid_padding_refuses_gaps_and_empty_axes():
+    with pytest.raises(ValueError, match="stride"):
+        grid_padding(10, 4, 5)
+    with pytest.raises(ValueError, match="length"):
+        grid_padding(0, 4, 2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 40), st.integers(0, 40),
+       st.sampled_from(["reflect", "nearest", "constant", 2.5]))
+def test_pad_array_is_numpy_pad_even_past_the_axis_length(n, before, after, boundary):
+    x = np.arange(2 * n, dtype=np.float32).reshape(2, n) * 1.5 - 3
+    mode = {"reflect": {"mode": "reflect"}, "nearest": {"mode": "edge"},
+            "constant": {"mode": "constant"}}.get(boundary, {"mode": "constant",
+                                                           "constant_values": 2.5})
+    want = np.pad(x, ((0, 0), (before, after)), **mode)
+    np.testing.assert_array_equal(pad_array(x, ((0, 0), (before, after)), boundary), want)
+    if boundary == "reflect" and n > 1:  # mirrored about the edge pixel, not repeating it
+        assert pad_array(x, ((0, 0), (1, 0)), boundary)[0, 0] == x[0, 1]
+    # the dask padding of predict uses the same steps
+    from engine.ml.predict import _pad
+
+    dx = da.from_array(x, chunks=(1, max(1, n // 2)))
+    np.testing.assert_array_equal(_pad(dx, 1, before, after, boundary).compute(), want)
+
+
+def test_pad_kwargs_refuses_unknown_boundaries():
+    for bad in ("wrap", "symmetric", True, None):
+        with pytest.raises(ValueError, match="boundary"):
+            pad_kwargs(bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 3), st.integers(0, 3),
+       st.integers(0, 5), st.booleans())
+def test_overlap_add_equals_a_loop_over_windows(t0, t1, e0, e1, gap, weighted):
+    rng = np.random.default_rng(t0 * 10 + t1)
+    size = (t0, t1)
+    stride = (max(1, t0 - e0), max(1, t1 - e1))
+    counts = (1 + gap, 2 + gap // 2)
+    shape = tuple((c - 1) * s + t + 1 for c, s, t in zip(counts, stride, size, strict=True))
+    preds = rng.random((2, *counts, *size)).astype(np.float32)
+    w = rng.random(size).astype(np.float32) + 0.1 if weighted else None
+    acc = np.zeros((2, *shape), np.float32)
+    overlap_add(acc, preds, stride, w)
+    want = np.zeros_like(acc)
+    starts = [(i * stride[0], j * stride[1]) for i in range(counts[0]) for j in range(counts[1])]
+    flat = np.moveaxis(preds.reshape(2, -1, *size), 1, 0)
+    accumulate_windows(want, None, flat, starts, w)
+    np.testing.assert_allclose(acc, want, rtol=1e-6, atol=1e-6)
+
+
+def test_overlap_add_checks_shapes():
+    with pytest.raises(ValueError, match="exceed"):
+        overlap_add(np.zeros((5,), np.float32), np.ones((3, 4), np.float32), (1,))
+    with pytest.raises(ValueError, match="do not match"):
+        overlap_add(np.zeros((2, 8), np.float32), np.ones((3, 2, 4), np.float32), (2,))

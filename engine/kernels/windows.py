@@ -378,14 +378,15 @@ def pad_widths(length: int, before: int, after: int, mode: str) -> list[tuple[in
     """``(before, after)`` steps that pad an axis of ``length`` as one ``np.pad`` would.
 
     A reflection reaches at most ``length - 1`` pixels past an edge, so wider reflect
-    padding is applied in steps, each reflecting the axis padded so far; the result is
-    ``np.pad(mode="reflect")`` (which is periodic with period ``2 * (length - 1)``). An axis
-    of one pixel reflects as ``"edge"`` (numpy's rule). Other modes take one step.
+    padding is applied in steps of at most ``length - 1`` (of the *original* axis), each
+    reflecting the axis padded so far: every step but the last ends on a mirror pixel, and
+    the result is ``np.pad(mode="reflect")``. An axis of one pixel reflects as ``"edge"``
+    (numpy's rule). Other modes take one step.
 
     Examples
     --------
     >>> pad_widths(5, 12, 9, "reflect")
-    [(4, 4), (8, 5)]
+    [(4, 4), (4, 4), (4, 1)]
     """
     if before < 0 or after < 0:
         raise ValueError(f"negative padding ({before}, {after})")
@@ -395,7 +396,7 @@ def pad_widths(length: int, before: int, after: int, mode: str) -> list[tuple[in
     while before or after:
         b, a = min(before, length - 1), min(after, length - 1)
         steps.append((b, a))
-        before, after, length = before - b, after - a, length + b + a
+        before, after = before - b, after - a
     return steps
 
 

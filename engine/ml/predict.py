@@ -142,6 +142,9 @@ def _state_dict_payload(weights: Any, architecture: str, kwargs: Mapping[str, An
     else:
         raise SpecError(f"model weights of type {type(weights).__name__}: pass a path, bytes "
                         "or a state_dict")
+    if _is_torchscript(data):
+        raise SpecError("model weights are a TorchScript archive, not a state_dict: pass the "
+                        "file itself as model= with allow_torchscript=True if you trust it")
     try:  # fail here, with one clear line, rather than in every task
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         factory(**dict(kwargs)).load_state_dict(state)
