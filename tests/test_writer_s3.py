@@ -71,7 +71,7 @@ def test_write_resume_and_read_back_on_s3(tmp_path, s3, client):
     out = xr.open_zarr(url, storage_options=s3.storage_options, consolidated=True).compute()
     xr.testing.assert_identical(out, ds.compute())
     assert out.attrs["title"] == "counting cube"
-    assert writer.verify(url, storage_options=s3.storage_options) == []
+    assert writer.verify(url, storage_options=s3.storage_options).ok
 
 
 def test_all_nan_region_on_s3(tmp_path, s3, client):

@@ -84,10 +84,14 @@ def checksum(values: Any) -> str:
     return f"crc32:{zlib.crc32(data, zlib.crc32(header)):08x}"
 
 
-def fingerprint(ds: xr.Dataset, layout: dict, encoding: dict, user: dict | None) -> dict:
-    """What makes two runs interchangeable: job, code, lazy layout, in-memory values."""
+def fingerprint(ds: xr.Dataset, layout: dict, encoding: dict, user: dict | None,
+                identity: dict | None = None) -> dict:
+    """What makes two runs interchangeable: job, inputs (``identity``: the data's graph
+    token, model hash...), code, lazy layout, in-memory values. ``user`` and ``identity``
+    must be redacted already (:func:`engine.redact.redact`)."""
     return {
         "user": user or {},
+        "identity": identity or {},
         "code_version": code_version(),
         "variables": layout,
         "in_memory": {
@@ -157,3 +161,17 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict[tuple[i
         except (TypeError, ValueError, KeyError):
             continue
     return records
+
+
+def list_objects(fs, root: str, names) -> dict[str, int]:
+    """``{"name/c/0/1": size}`` of every object under the given variables."""
+    sizes: dict[str, int] = {}
+    fs.invalidate_cache(root)
+    for name in sorted(names):
+        try:
+            found = fs.find(f"{root}/{name}", detail=True)
+        except FileNotFoundError:
+            continue
+        for path, info in found.items():
+            sizes[path[len(root):].lstrip("/")] = int(info.get("size") or 0)
+    return sizes

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import dask
@@ -37,6 +37,7 @@ import xarray as xr
 from engine import config
 from engine.errors import RegionFailedError, SpecError, StoreError
 from engine.io import stores
+from engine.io.destination import check_destination
 from engine.io.manifest import (
     ENGINE_PREFIX,
     fingerprint_hash,
@@ -45,11 +46,19 @@ from engine.io.manifest import (
 )
 from engine.io.manifest import fingerprint as make_fingerprint
 from engine.io.verify import verify
-from engine.io.writer.distributed import current_client, run_distributed
+from engine.io.writer.distributed import current_client, region_token, run_distributed
 from engine.io.writer.local import run_local
 from engine.io.writer.tasks import Failures, RegionTask
-from engine.io.writer.template import build_template, consolidate, existing, write_template
+from engine.io.writer.template import (
+    build_template,
+    consolidate,
+    damaged_regions,
+    data_token,
+    existing,
+    write_template,
+)
 from engine.ops.regions import check_alignment, plan_layout, plan_regions, region_grid, region_mb
+from engine.redact import redact, redact_text, redact_url
 
 __all__ = ["write", "read_manifest", "verify", "WriteResult", "ENGINE_PREFIX"]
 
@@ -86,6 +95,8 @@ def write(
     restart: bool = False,
     storage_options: dict | None = None,
     fingerprint: dict | None = None,
+    identity: Mapping[str, str] | None = None,
+    inputs: Sequence[str] = (),
     region_chunks: dict | None = None,
     encoding: dict | None = None,
     client=None,
@@ -104,14 +115,27 @@ def write(
         (``memory://`` only when every worker lives in this process).
     resume
         Finish an existing store of the same job (same fingerprint): only regions the
-        manifest does not record are computed, on the grid stored with the template.
-    overwrite, restart
-        Remove whatever is at ``url`` (after the plan was validated) and start fresh.
+        manifest does not record, or whose chunk objects are missing or have another size
+        than recorded, are computed, on the grid stored with the template.
+    overwrite
+        Replace the Zarr store at ``url``, whoever wrote it. Never replaces a file or a
+        folder that is not a Zarr store.
+    restart
+        Recompute a store that cube-engine wrote, whatever job wrote it.
     storage_options
-        fsspec options (credentials, endpoint); serialised into every task.
+        fsspec options (credentials, endpoint). They never travel inside a task: a cluster's
+        workers get them through a worker plugin for the duration of the write.
     fingerprint
-        JSON-able identity of the job (spec, input identity, seed...). With the code
-        version and the output layout it decides whether a store may be resumed.
+        JSON-able identity of the job (spec, seed...), stored redacted. With ``identity``,
+        the code version and the output layout it decides whether a store may be resumed.
+    identity
+        What the values depend on beyond the dask graph: input store identities
+        (:func:`engine.io.stores.store_identity`), model hash, job spec hash, code version.
+        The default identity ``"data"`` is a dask token of every lazy variable's graph
+        (its key names); a caller that knows the data's identity better (e.g. a graph
+        with random key names) may give its own ``"data"`` entry. Values are redacted.
+    inputs
+        URLs of the input stores: the output may not be, contain or lie inside one.
     region_chunks
         Elements per region along each dimension, multiples of the Zarr chunk (shard);
         left-out dimensions get one dask chunk. Default: regions grown to about
@@ -130,11 +154,13 @@ def write(
     Raises
     ------
     StoreError
-        Misaligned chunks or regions, or ``memory://`` with a multi-process cluster.
+        Misaligned chunks or regions, ``memory://`` with a multi-process cluster, an
+        output overlapping an input, a destination that cannot be written or reached.
     StoreExistsError
-        Something else is at ``url`` and neither ``overwrite`` nor ``restart`` was given.
+        Something else is at ``url`` and may not be replaced as asked.
     ResumeError
-        The store belongs to another job (fingerprint) or its arrays were changed.
+        The store was written from other inputs or by another job (fingerprint), or its
+        arrays were changed.
     RegionFailedError
         A region failed every try; the finished regions stay written and recorded.
 
@@ -142,9 +168,18 @@ def write(
     --------
     >>> import numpy as np, xarray as xr
     >>> ds = xr.Dataset({"t2m": (("time", "lat"), np.zeros((4, 6)))}).chunk({"time": 2})
-    >>> res = write(ds, "memory://doc/out.zarr", overwrite=True)
+    >>> res = write(ds, "memory://doc/out.zarr", overwrite=True, region_chunks={"time": 2})
     >>> res.n_regions, res.n_written
-    (1, 1)
+    (2, 2)
+    >>> write(ds, "memory://doc/out.zarr", region_chunks={"time": 2}).n_skipped
+    2
+    >>> from engine.errors import ResumeError
+    >>> try:  # other values: the graph's token differs from the one recorded
+    ...     write(ds + 1, "memory://doc/out.zarr")
+    ... except ResumeError as err:
+    ...     print(err)  # doctest: +NORMALIZE_WHITESPACE
+    output store memory://doc/out.zarr was written from different inputs (data):
+    pass restart=True (CLI --restart) to recompute
     """
     start = time.perf_counter()
     quiet_zarr()
@@ -157,6 +192,9 @@ def write(
     unknown = sorted(str(k) for k in encoding if k not in ds.variables)
     if unknown:
         raise SpecError(f"encoding names variables not in the dataset: {unknown}")
+    if identity is not None and not isinstance(identity, Mapping):
+        raise SpecError(f"identity must be a mapping of names to strings, not "
+                        f"{type(identity).__name__}")
     retries = int(config.get("write.retries", retries))
     client = current_client(client)
     if client is not None and stores.is_memory(url):
@@ -169,46 +207,54 @@ def write(
     layout = plan_layout(ds, encoding)
     check_alignment(ds, layout)
     grid = region_grid(ds, layout, region_chunks, region_mb(ds, layout, _threads(client)))
-    fp = make_fingerprint(ds, layout, encoding, fingerprint)
+    ident = {"data": data_token(ds, layout)}
+    ident.update({str(k): str(v) for k, v in (identity or {}).items()})
+    fp = make_fingerprint(ds, layout, encoding, redact(fingerprint or {}), redact(ident))
     fp_hash = fingerprint_hash(fp)
     tmpl, enc = build_template(ds, encoding, layout)
 
+    check_destination(url, so, overwrite=overwrite, restart=restart, inputs=inputs)
     fs, root = stores.filesystem(url, so)
     replace = overwrite or restart
     template = existing(url, fs, root, so, fp, fp_hash, layout, resume=resume, replace=replace)
     if template is None:
         template = write_template(tmpl, enc, url, fs, root, so, layout, grid, fp, fp_hash)
-    tasks = [RegionTask(url, so, r, fp_hash) for r in plan_regions(layout, template["regions"])]
-    done = {i for i, r in read_manifest(url, so).items() if r.get("fingerprint") == fp_hash}
-    todo = [t for t in tasks if t.index not in done]
-    n_skipped = len(tasks) - len(todo)
+    regions = plan_regions(layout, template["regions"])
+    records = {i: r for i, r in read_manifest(url, so).items() if r.get("fingerprint") == fp_hash}
+    damaged = damaged_regions(fs, root, records)
+    done = set(records) - damaged
 
     written: list[dict] = []
+    n_total = len(regions)
+    n_skipped = sum(r.index in done for r in regions)
 
     def on_done(record: dict) -> None:
         written.append(record)
         if progress is not None:
-            progress(n_skipped + len(written), len(tasks))
+            progress(n_skipped + len(written), n_total)
 
     if progress is not None:
-        progress(n_skipped, len(tasks))
+        progress(n_skipped, n_total)
     failures: Failures = []
-    if todo and client is not None:
-        failures = run_distributed(client, ds, todo, retries, on_done)
-    elif todo:
-        failures = run_local(ds, todo, retries, on_done)
+    with stores.share_options(so, client) as ref:
+        todo = [RegionTask(url, ref, r, fp_hash) for r in regions if r.index not in done]
+        if todo and client is not None:
+            failures = run_distributed(client, ds, todo, retries, on_done,
+                                       key_token=region_token(url, so, layout, fp_hash))
+        elif todo:
+            failures = run_local(ds, todo, retries, on_done)
     if failures:
         task, err = min(failures, key=lambda f: f[0].index)
         more = f" ({len(failures) - 1} more regions failed)" if len(failures) > 1 else ""
         raise RegionFailedError(
-            f"{task.describe()} of {url} failed {retries + 1} time(s): {type(err).__name__}: "
-            f"{err}{more}; {len(written)} other regions were written and recorded, fix the "
-            "cause and re-run to resume"
+            f"{task.describe()} of {redact_url(url)} failed {retries + 1} time(s): "
+            f"{type(err).__name__}: {redact_text(str(err))}{more}; {len(written)} other regions "
+            "were written and recorded, fix the cause and re-run to resume"
         ) from err
     consolidate(url, so)
     return WriteResult(
         url=url,
-        n_regions=len(tasks),
+        n_regions=n_total,
         n_written=len(written),
         n_skipped=n_skipped,
         bytes_written=sum(r["nbytes"] for r in written),

@@ -18,6 +18,7 @@ import xarray as xr
 
 from engine import config
 from engine.io.writer.tasks import Failures, RegionTask, pack, region_data, write_region
+from engine.redact import redact_options, redact_url
 
 
 def lift_bytes() -> int:
@@ -93,7 +94,23 @@ def write_region_fused(task: RegionTask, region: FusedRegion, lifted_keys: list,
     return write_region(task, data)
 
 
-def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None = None) -> Failures:
+def region_token(url: str, storage_options: dict | None, layout: dict, fp_hash: str) -> str:
+    """Token of what every region task of one write shares: the store (URL and redacted
+    options: endpoint yes, credentials no), its layout and the job's fingerprint."""
+    return dask.base.tokenize(redact_url(str(url)), redact_options(storage_options),
+                              layout, fp_hash)
+
+
+def region_key(token: str, task: RegionTask, packed: dict) -> str:
+    """Key of one region's task: a token of all its inputs -- the write's ``token``
+    (:func:`region_token`), the region, and the dask token of the region's data -- so two
+    writes in one session or one graph never share a key, and no secret is hashed."""
+    data = {n: (dims, a.name) for n, (dims, a) in sorted(packed.items())}
+    return f"write-region-{task.id}-{dask.base.tokenize(token, task.region, data)}"
+
+
+def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None = None,
+                    *, key_token: str = "") -> Failures:
     """Submit regions in a rolling window of ``in_flight`` and collect them as they finish,
     so one failure loses nothing else and the scheduler never holds the graph of the whole
     store: an archive of 10^5 regions costs the scheduler a few hundred regions at a time.
@@ -102,13 +119,12 @@ def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None =
 
     threads = sum(client.nthreads().values()) or 1
     limit = int(config.get("write.regions-in-flight", in_flight) or 0) or max(8, 2 * threads)
-    token = dask.base.tokenize(ds, tasks)
 
     shared: dict[Any, Any] = {}  # lifted literal (model weights) -> its future, scattered once
 
     def submit(t: RegionTask) -> Any:
-        key = f"write-region-{t.id}-{token}"
         packed = pack(region_data(ds, t))
+        key = region_key(key_token, t, packed)
         region = fused(packed)
         if region is None:  # persisted inputs: their chunks live on the cluster already
             with dask.annotate(region=t.id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import socket
@@ -21,12 +22,20 @@ from engine.ops.regions import Region
 
 @dataclass(frozen=True)
 class RegionTask:
-    """Everything a worker needs to write one region; storage options travel in here."""
+    """Everything a worker needs to write one region.
+
+    The storage options (credentials) are not in here: ``options`` is a reference to
+    them in the per-process registry of :func:`engine.io.stores.share_options`.
+    """
 
     url: str
-    storage_options: dict[str, Any]
+    options: str | None
     region: Region
     fingerprint: str
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return stores.resolve_options(self.options)
 
     @property
     def index(self) -> tuple[int, ...]:
@@ -77,8 +86,11 @@ def write_region(task: RegionTask, data: xr.Dataset | dict) -> dict:
         data = unpack(data)
     sums = {n: checksum(data[n].values) for n in sorted(task.variables)}
     region = {str(d): slice(*task.slices[str(d)]) for d in data.dims}
-    store = stores.zarr_store(task.url, task.storage_options)
+    so = task.storage_options
+    store = stores.zarr_store(task.url, so)
     data.to_zarr(store, region=region, mode="r+", consolidated=False, zarr_format=3)
+    fs, root = stores.filesystem(task.url, so)
+    objects = object_sizes(fs, root, region_objects(store, task, data))
     record = {
         "region": list(task.index),
         "id": task.id,
@@ -88,15 +100,43 @@ def write_region(task: RegionTask, data: xr.Dataset | dict) -> dict:
         "nbytes": int(data.nbytes),
         "checksums": sums,
         "checksum": hashlib.sha1("".join(sums.values()).encode()).hexdigest(),
+        "objects": objects,
         "finished_at": now(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
-    fs, root = stores.filesystem(task.url, task.storage_options)
     stores.put_json(fs, f"{root}/{MANIFEST}/{task.id}.json", record)
     meter.record("write", items=1, pixels=math.prod(b - a for a, b in task.slices.values()),
                  bytes_written=int(data.nbytes), seconds=time.perf_counter() - t0)
     return record
+
+
+def region_objects(store, task: RegionTask, data: xr.Dataset) -> list[str]:
+    """Store keys of every chunk (shard) object the region's variables cover."""
+    import zarr
+
+    keys = []
+    for name in task.variables:
+        arr = zarr.open_array(store, path=name, mode="r")
+        unit = arr.shards or arr.chunks
+        ranges = []
+        for dim, u in zip(data[name].dims, unit, strict=True):
+            a, b = task.slices[str(dim)]
+            ranges.append(range(a // u, -(-b // u)))
+        keys += [f"{name}/{arr.metadata.encode_chunk_key(c)}" for c in itertools.product(*ranges)]
+    return keys
+
+
+def object_sizes(fs, root: str, keys: list[str]) -> dict[str, int | None]:
+    """Size of each object, None where there is none (an all-fill chunk is not stored)."""
+    out: dict[str, int | None] = {}
+    fs.invalidate_cache(root)
+    for key in keys:
+        try:
+            out[key] = int(fs.info(f"{root}/{key}")["size"])
+        except FileNotFoundError:
+            out[key] = None
+    return out
 
 
 Failures = list[tuple[RegionTask, BaseException]]

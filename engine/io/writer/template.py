@@ -12,10 +12,11 @@ import xarray as xr
 
 from engine.errors import ResumeError, SpecError, StoreExistsError
 from engine.io import stores
-from engine.io.manifest import FINGERPRINT, TEMPLATE, diff, now, read_manifest
+from engine.io.manifest import FINGERPRINT, TEMPLATE, diff, list_objects, now, read_manifest
 from engine.ops.regions import Layout
 
 RESTART = "pass restart=True (CLI --restart) to recompute from scratch"
+RECOMPUTE = "pass restart=True (CLI --restart) to recompute"
 REPLACE = "pass --overwrite to replace it or choose another --output"
 _LAYOUT_KEYS = ("chunks", "shards", "preferred_chunks")
 
@@ -48,7 +49,7 @@ def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict
     """
     if not stores.store_exists(fs, root):
         return None
-    if replace:
+    if replace:  # check_destination allowed it: a Zarr store (ours, or overwrite)
         stores.remove_store(fs, root)
         return None
     stored = stores.get_json(fs, f"{root}/{FINGERPRINT}")
@@ -57,13 +58,17 @@ def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict
             f"output store already exists with different content: {url}; {REPLACE}"
         )
     if stored.get("hash") != fp_hash:
-        fields = ", ".join(diff(stored.get("fingerprint"), fp)[:6])
+        changed = changed_fields(stored.get("fingerprint") or {}, fp)
+        fields = ", ".join(changed[:6])
         if not resume:
             raise StoreExistsError(
-                f"output store already exists with different content: {url} (fingerprint "
-                f"differs in {fields}); {REPLACE}"
+                f"output store already exists with different content: {url} ({fields} "
+                f"differ); {REPLACE}"
             )
-        raise ResumeError(f"cannot resume {url}: its fingerprint differs ({fields}); {RESTART}")
+        inputs_only = all(not f.startswith(("code_version", "variables", "encoding", "user."))
+                          for f in changed)
+        what = "from different inputs" if inputs_only else "by a different job"
+        raise ResumeError(f"output store {url} was written {what} ({fields}): {RECOMPUTE}")
     if not resume:
         raise StoreExistsError(
             f"output store already exists: {url}; pass resume=True to finish it, or {REPLACE}"
@@ -86,6 +91,39 @@ def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict
             f"cannot resume {url}: its arrays differ from their template ({fields}); {RESTART}"
         )
     return template
+
+
+def changed_fields(stored: dict, fp: dict) -> list[str]:
+    """What differs between two fingerprints, named for a person: ``model_hash`` for an
+    identity entry, ``data`` for the data's graph token, ``user.seed``, ``code_version``,
+    ``variables.t2m``..."""
+    out = []
+    for field in diff(stored, fp):
+        name = field.removeprefix("identity.") if field.startswith("identity.") else field
+        if name not in out:
+            out.append(name)
+    return out or ["<root>"]
+
+
+def data_token(ds: xr.Dataset, layout: Layout) -> str:
+    """A dask token of every lazy variable's graph (its key names): a different model or
+    changed input values give different key names, hence a different token."""
+    from dask.base import tokenize
+
+    return tokenize(*[(name, ds[name].data) for name in sorted(layout)])
+
+
+def damaged_regions(fs, root: str, records: Mapping[tuple[int, ...], dict]) -> set:
+    """Recorded regions whose chunk objects are not all there with their recorded sizes
+    (a deleted or truncated chunk, a chunk where an all-fill one was recorded).
+
+    One listing of each variable's objects, no object read: the cheap check a resume
+    makes; :func:`engine.io.verify.verify` also compares checksums.
+    """
+    names = {k.split("/", 1)[0] for r in records.values() for k in (r.get("objects") or {})}
+    sizes = list_objects(fs, root, names)
+    return {index for index, rec in records.items()
+            if any(sizes.get(k) != v for k, v in (rec.get("objects") or {}).items())}
 
 
 def build_template(ds: xr.Dataset, encoding: Mapping, layout: Layout) -> tuple[xr.Dataset, dict]:
