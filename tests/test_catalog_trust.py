@@ -92,7 +92,7 @@ def test_intake_conf_set_then_pickle_template_is_refused(tmp_path):
         "cube": {
             "reader": READER,
             "kwargs": {"args": ["{data(store)}"], "a_unlock": "{data(unlock)}",
-                       "b_then": "{pickle64(%s)}" % payload},
+                       "b_then": "{pickle64(" + payload + ")}"},
         }
     }
     path = tmp_path / "cat.yaml"

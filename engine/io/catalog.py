@@ -176,14 +176,14 @@ def open_cube(
     """
     spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options,
                       allow_env=allow_env, allow_local=allow_local)
-    ds = _open_lazy(spec, storage_options, open_kwargs)
+    ds, renamed = _open_lazy(spec, storage_options, open_kwargs)
     ds = _subset(ds, variables, spec.name)
     storage = storage_chunks(ds)
     wanted = spec.chunks if chunks is None else chunks
-    plan = _plan(ds, storage, wanted, target_mb)
+    plan = _plan(ds, storage, wanted, target_mb, renamed)
     ds = ds.chunk(plan)
     if sel:
-        ds = _select(ds, sel, spec.name)
+        ds = ds.sel(_dim_keys(ds, sel, "sel", renamed))
     ds.attrs["engine_catalog"] = redact_url(spec.catalog)
     ds.attrs["engine_entry"] = spec.name
     return ds
@@ -220,9 +220,9 @@ def describe_entry(
     """
     spec = read_entry(catalog, entry, catalog_storage_options=catalog_storage_options,
                       allow_env=allow_env, allow_local=allow_local)
-    ds = _open_lazy(spec, storage_options, {})
+    ds, renamed = _open_lazy(spec, storage_options, {})
     storage = storage_chunks(ds)
-    plan = _plan(ds, storage, spec.chunks if chunks is None else chunks, target_mb)
+    plan = _plan(ds, storage, spec.chunks if chunks is None else chunks, target_mb, renamed)
     variables = {name: _describe_var(ds[name], storage, plan) for name in ds.data_vars}
     out = spec.to_dict()
     del out["chunks"]
@@ -338,8 +338,9 @@ def _open_lazy(
     spec: CatalogEntry,
     storage_options: Mapping[str, Any] | None,
     open_kwargs: Mapping[str, Any],
-) -> xr.Dataset:
-    """Open without dask (lazy backend arrays) and rename dims to the canonical names."""
+) -> tuple[xr.Dataset, dict[str, str]]:
+    """Open without dask (lazy backend arrays) and rename dims to the canonical names;
+    also returns ``{store name: canonical name}`` of the dims renamed."""
     so = {**spec.storage_options, **(storage_options or {})}
     kwargs = {**spec.open_kwargs, **open_kwargs}
     kwargs.pop("chunks", None)
@@ -390,7 +391,7 @@ def _cf_says(ds: xr.Dataset, dim: str, role: str) -> bool:
     return axis == ("Y" if north else "X") and std not in _PROJECTED and units not in _METRES
 
 
-def _canonical_dims(ds: xr.Dataset) -> xr.Dataset:
+def _canonical_dims(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, str]]:
     """Rename dims to ``time``/``lat``/``lon`` by alias or CF attributes, never onto a
     name the cube already uses."""
     try:
@@ -407,7 +408,7 @@ def _canonical_dims(ds: xr.Dataset) -> xr.Dataset:
         if target != dim and target not in ds.variables and target not in ds.dims \
                 and target not in renames.values():
             renames[dim] = target
-    return ds.rename(renames) if renames else ds
+    return (ds.rename(renames) if renames else ds), {str(k): v for k, v in renames.items()}
 
 
 def _canonical(name: str) -> str:
@@ -431,12 +432,28 @@ def _subset(ds: xr.Dataset, variables: Sequence[str] | None, entry: str) -> xr.D
     return ds[list(variables)]
 
 
-def _select(ds: xr.Dataset, sel: Mapping[str, Any], entry: str) -> xr.Dataset:
-    return ds.sel(resolve_keys(ds, sel, "sel"))
+def _dim_keys(
+    ds: xr.Dataset, mapping: Mapping[str, Any], what: str, renamed: Mapping[str, str]
+) -> dict[str, Any]:
+    """``mapping`` keyed by the cube's dims: canonical names, aliases (``latitude``, ``y``,
+    ``COADSY`` ...) and the store's own names from before canonicalisation all work."""
+    translated: dict[str, Any] = {}
+    given: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = renamed.get(str(key), str(key))
+        if name in translated:  # a dict would silently keep the last
+            raise CubeError(f"{what} names dimension {name!r} twice (as {given[name]!r} and "
+                            f"{key!r}); give it once")
+        translated[name], given[name] = value, key
+    return resolve_keys(ds, translated, what)
 
 
 def _plan(
-    ds: xr.Dataset, storage: Mapping[str, int], wanted: Chunks, target_mb: float | None
+    ds: xr.Dataset,
+    storage: Mapping[str, int],
+    wanted: Chunks,
+    target_mb: float | None,
+    renamed: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Dask chunks per dim: explicit sizes aligned up to storage, or coarsened storage."""
     sizes = {str(d): int(n) for d, n in ds.sizes.items()}
@@ -449,7 +466,7 @@ def _plan(
     if not isinstance(wanted, Mapping):
         raise SpecError(f"chunks must be 'auto', 'storage' or a mapping, got {wanted!r}")
     plan = dict(storage)
-    for dim, size in resolve_keys(ds, wanted, "chunks").items():
+    for dim, size in _dim_keys(ds, wanted, "chunks", renamed or {}).items():
         if not isinstance(size, int) or (size <= 0 and size != -1):
             raise SpecError(f"chunks[{dim!r}] must be a positive int or -1, got {size!r}")
         size = sizes[dim] if size == -1 else size
