@@ -480,3 +480,16 @@ def test_local_catalog_may_open_local_data_above_it(tmp_path):
     path.write_text(_catalog(*_good("../data/c.zarr")))
     assert read_entry(path, "cube").url == str(tmp_path / "data" / "c.zarr")
     assert dict(open_cube(path, "cube").sizes)["lon"] == 180
+
+
+def test_parameters_naming_parameters_neither_loop_nor_multiply(tmp_path):
+    data, entries = _good("{a}")
+    entries["cube"]["user_parameters"] = {
+        "a": {"default": "{b}{b}"}, "b": {"default": "{a}{a}"}, "c": {"default": "{c}"}
+    }
+    path = tmp_path / "cat.yaml"
+    path.write_text(_catalog(data, entries))
+    _refused(path, match=r"template \{b\}, which is not a parameter")
+    data["store"]["kwargs"]["url"] = "{c}"
+    path.write_text(_catalog(data, entries))
+    _refused(path, match=r"template \{c\}")

@@ -577,6 +577,12 @@ class _Context:
         self.env[name] = value
         return value
 
+    def param(self, name: str, pattern: re.Pattern[str]) -> Any:
+        """A user parameter's default, its own templates filled with CATALOG_DIR/PATH and
+        env only (one level: parameters naming parameters cannot loop or multiply)."""
+        base = _Context(self.cat, self.entry, _base_params(self.cat), self.env)
+        return _render(self.params[name], base, pattern)
+
 
 def _render(value: Any, ctx: _Context, pattern: re.Pattern[str]) -> Any:
     """Fill ``{...}`` (V2) or ``{{ ... }}`` (V1) templates: parameters, CATALOG_DIR, env."""
@@ -588,8 +594,7 @@ def _render(value: Any, ctx: _Context, pattern: re.Pattern[str]) -> Any:
         return value
     whole = pattern.fullmatch(value.strip())
     if whole and whole.group(1).strip() in ctx.params:  # keep the parameter's type
-        param = ctx.params[whole.group(1).strip()]
-        return _render(param, ctx, pattern) if isinstance(param, str) else param
+        return ctx.param(whole.group(1).strip(), pattern)
 
     def one(match: re.Match[str]) -> str:
         expr = match.group(1).strip()
@@ -597,8 +602,7 @@ def _render(value: Any, ctx: _Context, pattern: re.Pattern[str]) -> Any:
         if env:
             return ctx.env_value(env.group(1))
         if expr in ctx.params:
-            param = ctx.params[expr]
-            return str(_render(param, ctx, pattern) if isinstance(param, str) else param)
+            return str(ctx.param(expr, pattern))
         shown = "{{ " + expr + " }}" if pattern is _V1_TEMPLATE else "{" + expr + "}"
         raise _fail(
             f"entry {ctx.entry!r} in {ctx.cat.shown} uses template {shown}, which is not a "
