@@ -468,6 +468,26 @@ def test_catalog_and_store_on_s3(s3):
     xr.testing.assert_equal(remote.load(), local.load())
 
 
+def test_s3_catalog_may_not_open_local_files(s3):
+    """A catalog on S3 naming a local store is refused (one line) unless allowed."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    url = "s3://cubes/catalogs/local.yaml"
+    fs.pipe(url, _v2_catalog(STORE).encode())
+    with pytest.raises(CatalogError) as err:
+        open_cube(url, "cube", catalog_storage_options=s3)
+    msg = str(err.value)
+    assert "points at local data" in msg and "allow_local=True" in msg and "\n" not in msg
+    with pytest.raises(CatalogError, match="points at local data"):
+        list_entries(url, catalog_storage_options=s3)
+    assert "testing" not in msg  # the key and secret of the catalog's options
+    ds = open_cube(url, "cube", catalog_storage_options=s3, allow_local=True)
+    assert dict(ds.sizes) == {"time": 12, "lat": 90, "lon": 180}
+    fs.pipe(url, _v2_catalog("../../other/c.zarr").encode())
+    assert read_entry(url, "cube", catalog_storage_options=s3).url == "s3://cubes/other/c.zarr"
+
+
 # ------------------------------------------------------------------------ network (ESDC)
 
 
