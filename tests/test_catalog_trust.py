@@ -493,3 +493,13 @@ def test_parameters_naming_parameters_neither_loop_nor_multiply(tmp_path):
     data["store"]["kwargs"]["url"] = "{c}"
     path.write_text(_catalog(data, entries))
     _refused(path, match=r"template \{c\}")
+
+
+def test_aliases_name_entries_only(tmp_path):
+    shutil.copytree(STORE, tmp_path / "c.zarr")
+    path = tmp_path / "cat.yaml"
+    path.write_text(_catalog(*_good(), aliases={"short": "cube"}))
+    assert [e["name"] for e in list_entries(path)] == ["cube", "short"]
+    assert read_entry(path, "short").url == str(tmp_path / "c.zarr")
+    path.write_text(_catalog(*_good(), aliases={"short": "os:system"}))
+    _refused(path, entry="short", match="alias 'short' must name an entry")
