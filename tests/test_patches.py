@@ -9,6 +9,8 @@ import tracemalloc
 import dask
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.errors import CubeError, EngineWarning, SpecError
 from engine.ops.patches import PatchBatch, iter_patches
@@ -232,8 +234,14 @@ def test_distributed_client_gives_the_same_patches(client):
 
 
 def test_bad_arguments_fail_with_one_line(cube):
-    with pytest.raises(CubeError, match="patch dims"):
-        iter_patches(cube, size={"x": 4})
+    with pytest.raises(CubeError, match="size dimension 'depth'.*dims: time, lat, lon"):
+        iter_patches(cube, size={"depth": 4})
+    with pytest.raises(CubeError, match="stride dimension 'band'"):
+        iter_patches(cube, size=SIZE, stride={"band": 2})
+    with pytest.raises(SpecError, match="stride names"):
+        iter_patches(cube, size=SIZE, stride={"time": 2})
+    with pytest.raises(SpecError, match="size.lat"):
+        iter_patches(cube, size={"lat": 0, "lon": 4})
     with pytest.raises(CubeError, match="not in the cube"):
         iter_patches(cube, size=SIZE, variables=["nope"])
     with pytest.raises(SpecError, match="pad="):
@@ -277,3 +285,173 @@ def test_positions_can_be_left_out(cube):
     np.testing.assert_array_equal(np.concatenate([b.data for b in full]),
                                   np.concatenate([b.data for b in bare]))
     assert all(b.positions.shape == (len(b), 0) for b in bare)
+
+
+# -- keys: a token of all inputs --------------------------------------------------------
+
+def _units(it):
+    return [(np.asarray(d), np.asarray(p)) for d, p in dask.compute(*it.to_delayed(),
+                                                                     scheduler="sync")]
+
+
+@pytest.mark.parametrize("change", ["seed", "epoch", "pad", "stride", "chunking", "cube",
+                                    "where", "variables"])
+def test_unit_keys_compose_in_one_graph(change):
+    ds = synthetic_cube({"time": 2, "lat": 40, "lon": 36}, chunks={"lat": 20, "lon": 18})
+    base = dict(ds=ds, size={"lat": 8, "lon": 8}, stride=8, shuffle=True, seed=1,
+                pad="reflect", where=None, variables=None)
+    other = dict(base)
+    if change == "seed":
+        other["seed"] = 2
+    elif change == "epoch":
+        other["epoch"] = 1
+    elif change == "pad":
+        other["pad"] = "nearest"
+    elif change == "stride":
+        other["stride"] = 6
+    elif change == "chunking":
+        other["ds"] = ds.chunk({"lat": 15, "lon": 12})
+    elif change == "cube":
+        other["ds"] = synthetic_cube({"time": 2, "lat": 40, "lon": 36}, seed=5,
+                                     chunks={"lat": 20, "lon": 18})
+    elif change == "where":
+        other["where"] = lambda d: d[:, 0, 0, 0] > 0.5
+    else:
+        other["variables"] = ["lst", "t2m"]
+    a, b = iter_patches(**base), iter_patches(**other)
+    ua, ub = a.to_delayed(), b.to_delayed()
+    keys_a = {u.key for u in ua}
+    assert keys_a == {u.key for u in iter_patches(**base).to_delayed()}  # stable
+    assert not keys_a & {u.key for u in ub}
+    together = dask.compute(*ua, *ub, scheduler="sync")
+    apart = _units(a) + _units(b)
+    assert len(together) == len(apart)
+    for (d1, p1), (d2, p2) in zip(together, apart, strict=True):
+        np.testing.assert_array_equal(d1, d2)
+        np.testing.assert_array_equal(p1, p2)
+
+
+# -- any cube's dims --------------------------------------------------------------------
+
+def _named(shape, chunks, naming, depth=None, seed=0):
+    """A ``synthetic_cube`` with renamed horizontal dims (and CF units attrs)."""
+    full = dict(shape)
+    ds = synthetic_cube(full, chunks=chunks, variables=2, seed=seed)
+    y, x = naming
+    ds = ds.rename({"lat": y, "lon": x})
+    ds[y].attrs["units"] = "degrees_north"
+    ds[x].attrs["units"] = "degrees_east"
+    return ds
+
+
+NAMINGS = [("lat", "lon"), ("y", "x"), ("latitude", "longitude"), ("COADSY", "COADSX"),
+           ("rows", "cols")]
+
+
+def test_default_size_uses_the_cubes_horizontal_dims():
+    for y, x in NAMINGS:
+        ds = _named({"depth": 2, "lat": 70, "lon": 66}, {"lat": 40}, (y, x))
+        it = iter_patches(ds, batch_size=4)
+        assert it.patch_dims == (y, x) and it.size == (64, 64)
+        assert it.n_windows == 2  # one window per depth level
+        b = next(iter(it))
+        np.testing.assert_array_equal(b.positions, [[0, 0, 0], [1, 0, 0]])
+        np.testing.assert_array_equal(b.data[1, 0], ds[list(ds.data_vars)[0]].values[1, :64, :64])
+        aliased = iter_patches(ds, size={"latitude": 8, "x": 6}, stride={"lat": 4})
+        assert aliased.patch_dims == (y, x)
+        assert aliased.size == (8, 6) and aliased.stride == (4, 6)
+
+
+_MODES = {"reflect": {"mode": "reflect"}, "nearest": {"mode": "edge"},
+          "constant": {"mode": "constant"}, -3.5: {"mode": "constant", "constant_values": -3.5}}
+
+
+def _expected_np(ds, key, size, pad):
+    """Patch ``key`` of every variable, cut from ``np.pad`` of the whole cube (far end)."""
+    lead, starts = key[:-len(size)], key[-len(size):]
+    out = []
+    for v in ds.data_vars:
+        a = ds[v].values[lead]
+        if pad is not None:
+            a = np.pad(a, [(0, s) for s in size], **_MODES[pad])
+        out.append(a[tuple(slice(s, s + n) for s, n in zip(starts, size, strict=True))])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("pad", list(_MODES))
+def test_edge_patches_equal_np_pad_of_the_cube(pad):
+    # last chunks of 1 and 3 cells: the padding reads pixels from the chunk before;
+    # lon (6 cells) is shorter than the window (8): a reflection wider than the axis
+    ds = synthetic_cube({"time": 2, "lat": 25, "lon": 6}, chunks={"lat": 12, "lon": 3})
+    size = (8, 8)
+    it = iter_patches(ds, size={"lat": 8, "lon": 8}, stride={"lat": 3}, pad=pad)
+    got = _pairs(it)
+    assert len(got) == it.n_windows == 2 * 7 * 1  # lat starts 0, 3, ..., 18
+    for key, patch in got.items():
+        np.testing.assert_array_equal(patch, _expected_np(ds, key, size, pad), err_msg=str(key))
+
+
+def test_reflect_pad_of_a_one_pixel_axis_is_the_edge():
+    ds = synthetic_cube({"lat": 1, "lon": 9}, chunks={"lon": 4}, variables=1)
+    got = _pairs(iter_patches(ds, size={"lat": 4, "lon": 4}, pad="reflect"))
+    for key, patch in got.items():
+        np.testing.assert_array_equal(patch, _expected_np(ds, key, (4, 4), "reflect"))
+        np.testing.assert_array_equal(patch[0, 1:], patch[0, :1].repeat(3, axis=0))
+
+
+@st.composite
+def _patch_cases(draw):
+    ny, nx = draw(st.integers(3, 20)), draw(st.integers(3, 20))
+    depth = draw(st.sampled_from([None, 2]))
+    sy, sx = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    return dict(
+        shape=({"depth": depth} if depth else {}) | {"lat": ny, "lon": nx},
+        chunks={"lat": draw(st.integers(1, ny)), "lon": draw(st.integers(1, nx))},
+        size=(sy, sx), stride=(draw(st.integers(1, sy + 1)), draw(st.integers(1, sx + 1))),
+        pad=draw(st.sampled_from([None, "reflect", "nearest", -3.5])),
+        naming=draw(st.sampled_from(NAMINGS)), alias=draw(st.booleans()))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_patch_cases())
+def test_patches_same_under_any_chunking_and_renamed_dims(case):
+    ref_ds = synthetic_cube(case["shape"], chunks={}, variables=2)
+    size = dict(zip(("lat", "lon"), case["size"], strict=True))
+    stride = dict(zip(("lat", "lon"), case["stride"], strict=True))
+    ref = _pairs(iter_patches(ref_ds, size=size, stride=stride, pad=case["pad"]))
+    y, x = case["naming"]
+    ds = _named(case["shape"], case["chunks"], (y, x))
+    keys = {"lat": y, "lon": x} if not case["alias"] else {"lat": "lat", "lon": "lon"}
+    it = iter_patches(ds, size={keys[k]: v for k, v in size.items()},
+                      stride={keys[k]: v for k, v in stride.items()}, pad=case["pad"])
+    assert it.patch_dims == (y, x)
+    got = _pairs(it)
+    assert got.keys() == ref.keys() and len(got) == it.n_windows
+    for key, patch in got.items():
+        np.testing.assert_array_equal(patch, ref[key])
+        np.testing.assert_array_equal(patch, _expected_np(ref_ds, key, case["size"],
+                                                          case["pad"]))
+
+
+# -- shuffling across epochs ------------------------------------------------------------
+
+def test_shard_chunks_change_between_epochs_and_cover_each_epoch_once():
+    ds = synthetic_cube({"time": 2, "lat": 48, "lon": 64}, chunks={"time": 1, "lat": 16,
+                                                                   "lon": 16})
+    size = {"lat": 16, "lon": 16}
+    n_chunks = 2 * 3 * 4
+
+    def chunks_of(rank, epoch):
+        it = iter_patches(ds, size=size, shuffle=True, seed=11, epoch=epoch,
+                          shard=(rank, 2), shuffle_buffer=1)
+        pos = [tuple(p) for b in it for p in b.positions.tolist()]
+        assert len(pos) == len(set(pos))
+        return {(t, i // 16, j // 16) for t, i, j in pos}, len(pos)
+
+    per_epoch = []
+    for epoch in range(4):
+        (a, na), (b, nb) = chunks_of(0, epoch), chunks_of(1, epoch)
+        assert not a & b and len(a | b) == n_chunks  # each chunk in one shard
+        assert na + nb == n_chunks  # each patch once per epoch
+        per_epoch.append(frozenset(a))
+    assert len(set(per_epoch)) > 1, "rank 0 read the same chunks in every epoch"

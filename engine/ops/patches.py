@@ -10,6 +10,19 @@ once and the *set* of ``(position, patch)`` pairs does not depend on the chunkin
 ``stride < size`` the windows of a chunk reach into its neighbours: the task reads the
 chunk's slice extended by that halo (pieces of the neighbouring chunks).
 
+Padding (``pad=``) means what ``boundary=`` means in :func:`engine.ml.predict.predict`,
+through the same kernel (:func:`engine.kernels.windows.pad_array`): ``"reflect"`` is
+``np.pad(mode="reflect")`` (mirrored about the edge pixel, which is not repeated; wider
+than the axis it keeps reflecting, numpy's rule), ``"nearest"`` is ``mode="edge"``,
+``"constant"`` zeros and a number that constant. The grid starts at index 0, so no window
+reaches before the start edge and padding is only ever added past the far edge; an edge
+window equals the same window of ``np.pad(cube, mode=...)`` padded at the far end,
+whatever the chunking (a task reads the pixels a reflection needs from its neighbours).
+
+Each chunk task is named by a token of all it depends on: the source chunk keys (tokens
+of the data), the pieces it reads, the window grid, padding, filter, shuffle seed and
+epoch. Two iterators over different cubes, chunkings or parameters compose in one graph.
+
 Units are computed ``prefetch`` at a time -- on the distributed cluster when a client is
 active, otherwise in a small local thread pool that runs each unit's culled dask graph
 synchronously -- so memory is bounded by ``prefetch`` units, not by the cube.
@@ -36,14 +49,18 @@ import numpy as np
 import xarray as xr
 
 from engine import config
+from engine.dims import cube_dims, resolve_keys
 from engine.errors import CubeError, EngineWarning, SpecError
-from engine.kernels.windows import WindowGrid, window_view
+from engine.kernels.windows import WindowGrid, pad_array, pad_kwargs, window_view
 
 __all__ = ["iter_patches", "PatchIterator", "PatchBatch"]
 
 _CHANNEL_DIMS = ("variable", "channel", "band", "feature")
+#: Bumped when the patches a chunk task gives for the same inputs change (part of its key).
+_VERSION = 2
 WhereLike = Callable[[np.ndarray], np.ndarray] | str | Mapping[str, str] | None
-PadLike = Literal["reflect", "constant"] | float | None
+PadLike = Literal["reflect", "nearest", "constant"] | float | None
+_DEFAULT_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -120,13 +137,9 @@ def _assemble(unit: _Unit, pieces: tuple[tuple, ...], values: Sequence[np.ndarra
         for (src, dst), v in zip(pieces, values, strict=True):
             block[dst] = np.asarray(v)[src]
     if any(unit.pad_after):
-        widths = [(0, p) for p in unit.pad_after]
-        if unit.pad == "reflect":
-            block = np.pad(block, widths, mode="reflect")
-        else:
-            value = 0.0 if unit.pad == "constant" else float(unit.pad)
-            block = np.pad(block.astype(np.float32, copy=False), widths, mode="constant",
-                           constant_values=value)
+        # float32 first (a NaN constant on integer data), then predict's padding rule
+        block = pad_array(block.astype(np.float32, copy=False),
+                          [(0, p) for p in unit.pad_after], unit.pad)
     return block
 
 
@@ -232,7 +245,7 @@ class PatchIterator:
     :meth:`set_epoch` changes the shuffle order.
     """
 
-    def __init__(self, ds: xr.Dataset | xr.DataArray, size: Mapping[str, int],
+    def __init__(self, ds: xr.Dataset | xr.DataArray, size: Mapping[str, int] | None,
                  stride: Mapping[str, int] | int | None, variables: Sequence[str] | None,
                  batch_size: int, where: WhereLike, shuffle: bool, seed: int, epoch: int,
                  pad: PadLike, as_torch: bool, shard: tuple[int, int] | None, client: Any,
@@ -252,19 +265,40 @@ class PatchIterator:
             if set(ds[v].dims) != set(dims):
                 raise CubeError(f"variable {v!r} has dims {ds[v].dims}, {names[0]!r} has {dims}: "
                                 "select variables with the same dims")
+        if size is None:
+            ydim, xdim = cube_dims(ds[names]).horizontal
+            size = {ydim: _DEFAULT_SIZE, xdim: _DEFAULT_SIZE}
         if not size:
             raise SpecError("size= needs at least one dim, e.g. {'lat': 64, 'lon': 64}")
+        size = resolve_keys(ds[names], size, "size")
         unknown = [d for d in size if d not in dims]
         if unknown:
             raise CubeError(f"patch dims {unknown} are not dims of the variables {dims}")
-        if isinstance(stride, int):
-            stride = dict.fromkeys(size, stride)
-        stride = {d: int((stride or {}).get(d, size[d])) for d in size}
+        for d, n in size.items():
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise SpecError(f"size.{d}={n!r} must be a positive integer")
+        if isinstance(stride, (int, np.integer)) and not isinstance(stride, bool):
+            given: Mapping[str, Any] = dict.fromkeys(size, int(stride))
+        elif stride is None or isinstance(stride, Mapping):
+            given = resolve_keys(ds[names], stride or {}, "stride")
+        else:
+            raise SpecError(f"stride={stride!r}: use an integer or {{dim: integer}}")
+        extra = [d for d in given if d not in size]
+        if extra:
+            raise SpecError(f"stride names {extra}, which are not patch dims {list(size)}: "
+                            "give a stride only for dims in size=")
+        stride = {d: given.get(d, size[d]) for d in size}
+        for d, n in stride.items():
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise SpecError(f"stride.{d}={n!r} must be a positive integer")
         if batch_size < 1:
             raise SpecError(f"batch_size={batch_size} must be >= 1")
-        if pad is not None and not (pad in ("reflect", "constant")
-                                    or isinstance(pad, (int, float))):
-            raise SpecError(f"pad={pad!r}: use None, 'reflect', 'constant' or a number")
+        if pad is not None:
+            try:
+                pad_kwargs(pad)
+            except ValueError:
+                raise SpecError(f"pad={pad!r}: use None, 'reflect', 'nearest', 'constant' or "
+                                "a number") from None
         if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise SpecError(f"shard={shard!r}: use (rank, world_size) with 0 <= rank < world_size")
 
@@ -272,7 +306,7 @@ class PatchIterator:
         self.dims = dims
         self.patch_dims = tuple(d for d in dims if d in size)
         self.size = tuple(int(size[d]) for d in self.patch_dims)
-        self.stride = tuple(stride[d] for d in self.patch_dims)
+        self.stride = tuple(int(stride[d]) for d in self.patch_dims)
         self.shape = tuple(int(ds.sizes[d]) for d in dims)
         self.batch_size = int(batch_size)
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), int(epoch)
@@ -387,10 +421,12 @@ class PatchIterator:
                 a, b = self.grid.span(p, k0, k1)
                 n = self.shape[d]
                 f_lo, f_hi = a, min(b, n)
-                if b > n and self.pad == "reflect":
-                    # reflect needs the pixels before the edge: read them so the padding
-                    # equals the padding of the whole array, whatever the chunking
-                    f_lo = max(0, min(a, n - 1 - (b - n)))
+                if b > n and self.pad in ("reflect", "nearest"):
+                    # reflect/nearest need the pixels before the edge: read them so the
+                    # padding equals the padding of the whole array, whatever the chunking
+                    # (a reflection wider than the axis reads the whole axis)
+                    reach = b - n if self.pad == "reflect" else 0
+                    f_lo = max(0, min(a, n - 1 - reach))
                 fetch.append((f_lo, f_hi))
                 pad_after.append(b - f_hi)
                 offset.append(a - f_lo)
@@ -493,9 +529,17 @@ class PatchIterator:
         from dask.delayed import Delayed
 
         unit, keys, sub = self._planned(number)
-        name = "patches-" + dask.base.tokenize(self.variables, self.size, self.stride, unit, keys)
+        name = "patches-" + dask.base.tokenize(_VERSION, self.dims, self.patch_dims, unit, keys)
         # a partial keeps the graph and keys opaque: dask must not read them as dependencies
         return Delayed(name, {name: (functools.partial(_run_unit, unit, sub, list(keys)),)})
+
+    def to_delayed(self) -> list[Any]:
+        """One :class:`dask.delayed.Delayed` per chunk task, in unit order, each computing
+        the unit's ``(data, positions)`` for the current epoch (before batching and
+        sharding). The keys are tokens of everything a unit depends on, so units of
+        different iterators -- other cubes, chunkings or parameters -- compute together in
+        one graph, and the same unit built twice has the same key."""
+        return [self._delayed(u) for u in range(self.n_units)]
 
     def _results(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Unit results in ``order``, with ``prefetch`` units in flight.
@@ -533,14 +577,14 @@ class PatchIterator:
                 pending.append(submit(u))
             while pending:
                 u, fut = pending.popleft()
-                res = fut.result()  # a finished future keeps its result for the cache
+                data, pos = fut.result()  # a finished future keeps its result for the cache
                 del fut
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(submit(nxt))
                 if self.cache and self.shuffle:
-                    res = _shuffle_unit(*res, self.seed, self.epoch, u)
-                yield res
+                    data, pos = _shuffle_unit(data, pos, self.seed, self.epoch, u)
+                yield data, pos
         finally:
             for _, f in pending:
                 if not self.cache:
@@ -639,11 +683,13 @@ def iter_patches(
         Cube; all selected variables must share their dims. A DataArray with a
         variable/channel/band/feature dim gives one channel per label along it.
     size
-        Patch size per dim (default ``{"lat": 64, "lon": 64}``). Dims not listed (e.g.
-        time) are iterated: each patch is one index along them.
+        Patch size per dim (default 64 x 64 over the cube's horizontal dims, found by
+        :func:`engine.dims.cube_dims`). Keys are the cube's dim names or the aliases
+        ``lat``/``latitude``/``y`` and ``lon``/``longitude``/``x``. Dims not listed (e.g.
+        time, depth) are iterated: each patch is one index along them.
     stride
-        Window step per patch dim (int or dict); default ``size`` (non-overlapping).
-        Windows start on a global grid ``0, stride, 2*stride, ...``.
+        Window step per patch dim (int or dict, keys as for ``size``); default ``size``
+        (non-overlapping). Windows start on a global grid ``0, stride, 2*stride, ...``.
     variables
         Variables stacked as the patch channels (default: all data variables).
     batch_size
@@ -657,7 +703,10 @@ def iter_patches(
         permuted inside each chunk, and ``shuffle_buffer`` chunks mixed together.
     pad
         None: partial edge windows are dropped and reported (:attr:`PatchIterator.coverage`).
-        ``"reflect"``, ``"constant"`` (zeros) or a number: they are padded and produced.
+        Otherwise they are padded past the far edge and produced, with the padding of
+        ``predict(boundary=...)``: ``"reflect"`` (``np.pad(mode="reflect")``, the edge
+        pixel not repeated), ``"nearest"`` (``mode="edge"``), ``"constant"`` (zeros) or a
+        number. The grid starts at index 0, so nothing is padded before the start edge.
     as_torch
         Yield torch tensors (zero-copy) instead of numpy arrays.
     shard
@@ -692,6 +741,6 @@ def iter_patches(
     >>> it.n_windows, next(iter(it)).data.shape
     (12, (8, 3, 32, 32))
     """
-    return PatchIterator(ds, size or {"lat": 64, "lon": 64}, stride, variables, batch_size,
+    return PatchIterator(ds, size, stride, variables, batch_size,
                          where, shuffle, seed, epoch, pad, as_torch, shard, client, prefetch,
                          shuffle_buffer, cache, positions)
