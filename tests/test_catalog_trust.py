@@ -22,7 +22,7 @@ import yaml
 
 from engine.errors import CatalogError
 from engine.io.catalog import describe_entry, list_entries, open_cube, read_entry
-from engine.io.intake_parse import local_target, resolve
+from engine.io.catalog_urls import local_target, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "catalogs", "demo.yaml")

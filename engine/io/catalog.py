@@ -46,12 +46,8 @@ import xarray as xr
 from engine import config
 from engine.dims import ALIASES, LAT, LON, TIME, cube_dims, resolve_keys
 from engine.errors import CatalogError, CubeError, EngineError, SpecError
-from engine.io.intake_parse import (
-    CatalogEntry,
-    first_line,
-    protocol,
-    read_catalog,
-)
+from engine.io.catalog_urls import first_line, protocol
+from engine.io.intake_parse import CatalogEntry, read_catalog
 from engine.redact import redact, redact_url
 
 __all__ = [

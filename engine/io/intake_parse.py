@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import dask.config
 import fsspec
 
 from engine.errors import CatalogError
+from engine.io.catalog_urls import absolute, first_line, is_local, local_target, parent, resolve
 from engine.io.yaml_safe import MAX_BYTES, load_yaml
 from engine.redact import redact, redact_options, redact_text, redact_url
 
@@ -131,11 +131,6 @@ _UP_CLASSES = frozenset(
         "BoundedNumberUserParameter",
     )
 )
-_LOCAL = frozenset({"file", "local"})
-#: fsspec protocols that only wrap another URL (cache, archives); checked through.
-_WRAPPERS = frozenset({"simplecache", "filecache", "blockcache", "cached", "zip", "tar"})
-#: fsspec protocols whose target is given in storage options and may be local.
-_INDIRECT = frozenset({"reference", "dir"})
 
 _DATA_REF = re.compile(r"\{data\(\s*([^()\s,]+)\s*\)\}")
 _CODE_REF = re.compile(r"\{\s*(data|func|import|pickle64)\s*\(")
@@ -143,7 +138,6 @@ _V2_TEMPLATE = re.compile(r"\{([^{}]*)\}")
 _V1_TEMPLATE = re.compile(r"{{\s*(.*?)\s*}}")
 _ENV = re.compile(r"env\(\s*['\"]?([A-Za-z_][A-Za-z0-9_]*)['\"]?\s*\)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _fail(msg: str) -> CatalogError:
@@ -253,7 +247,7 @@ class ParsedCatalog:
 
     @property
     def remote(self) -> bool:
-        return protocol(self.path) not in _LOCAL
+        return not is_local(self.path)
 
     @property
     def shown(self) -> str:
@@ -739,106 +733,3 @@ def _entry_chunks(value: Any, name: str, shown: str) -> dict[str, int] | None:
             f"(or -1), got {value!r}"
         )
     return {str(k): int(v) for k, v in value.items()}
-
-
-# ------------------------------------------------------------------------- paths, URLs
-
-
-def protocol(url: str) -> str:
-    """The protocol of the innermost target of ``url`` (``file`` for plain paths)."""
-    if "::" in url:
-        url = url.split("::")[-1]
-    if _URL.match(url):
-        return url.split("://", 1)[0].lower()
-    return "file"
-
-
-def _protocols(url: str) -> list[str]:
-    """The protocol of each link of a chained URL (``simplecache::s3://b/k`` ->
-    ``["simplecache", "s3"]``); a plain path is ``file``."""
-    parts = url.split("::")
-    out = []
-    for i, part in enumerate(parts):
-        if _URL.match(part):
-            out.append(part.split("://", 1)[0].lower())
-        elif i < len(parts) - 1 and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", part):
-            out.append(part.lower())
-        else:
-            out.append("file")
-    return out
-
-
-def local_target(url: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The local path or URL that ``url`` (with its options) reaches, or None.
-
-    Checks every link of a chained URL (``simplecache::file://...``), archive and cache
-    wrappers, and the ``target_protocol``/``remote_protocol``/``fo`` options through which
-    ``reference://``, ``dir://`` and wrappers reach another filesystem.
-    """
-    for part, proto in zip(url.split("::"), _protocols(url), strict=True):
-        if proto in _LOCAL:
-            return part
-        if proto in _INDIRECT:
-            return f"{proto}:// (its target cannot be checked)"
-    return _local_option(storage_options or {})
-
-
-def _local_option(options: Any) -> str | None:
-    if isinstance(options, Mapping):
-        for key, value in options.items():
-            if (
-                key in ("target_protocol", "remote_protocol", "protocol")
-                and isinstance(value, str)
-                and value.lower() in _LOCAL
-            ):
-                return f"{key}: {value}"
-            if (
-                key in ("fo", "path", "target")
-                and isinstance(value, str)
-                and protocol(value) in _LOCAL
-            ):
-                return f"{key}: {value}"
-            found = _local_option(value)
-            if found:
-                return found
-    elif isinstance(options, list):
-        for value in options:
-            found = _local_option(value)
-            if found:
-                return found
-    return None
-
-
-def absolute(path: str) -> str:
-    if protocol(path) == "file" and "::" not in path:
-        if path.startswith("file://"):
-            path = path[len("file://") :]
-        return os.path.abspath(os.path.expanduser(path))
-    return path
-
-
-def parent(path: str) -> str:
-    if protocol(path) == "file" and "::" not in path:
-        return os.path.dirname(path)
-    return path.rsplit("/", 1)[0]
-
-
-def resolve(url: str, directory: str) -> str:
-    """Absolute path or URL: relative paths taken relative to the catalog directory, with
-    ``.`` and ``..`` resolved (a remote directory's protocol and host are kept)."""
-    if "::" in url or _URL.match(url):
-        return url
-    url = os.path.expanduser(url)
-    if os.path.isabs(url):
-        return os.path.normpath(url)
-    if protocol(directory) == "file" and "::" not in directory:
-        return os.path.normpath(os.path.join(directory, url))
-    head, sep, rest = directory.partition("://")
-    host, _, path = rest.partition("/")
-    joined = posixpath.normpath(posixpath.join("/" + path, url)).lstrip("/")
-    return f"{head}{sep}{host}/{joined}"
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
