@@ -503,3 +503,15 @@ def test_aliases_name_entries_only(tmp_path):
     assert read_entry(path, "short").url == str(tmp_path / "c.zarr")
     path.write_text(_catalog(*_good(), aliases={"short": "os:system"}))
     _refused(path, entry="short", match="alias 'short' must name an entry")
+
+
+def test_describe_redacts_array_attributes_with_credential_like_names(tmp_path):
+    ds = xr.Dataset({"v": ("lat", [1.0, 2.0])}, coords={"lat": [0.0, 1.0]},
+                    attrs={"token_counts": [3, 4], "auth_url": "https://u:pw@h/x"})
+    ds.to_netcdf(tmp_path / "f.nc", engine="scipy")  # attrs come back as numpy arrays
+    data = {"store": {"datatype": "intake.readers.datatypes:NetCDF3", "kwargs": {"url": "f.nc"}}}
+    path = tmp_path / "cat.yaml"
+    path.write_text(_catalog(data, _good()[1]))
+    info = describe_entry(path, "cube")
+    assert info["attrs"]["token_counts"] == [3, 4] and info["attrs"]["auth_url"] == "***"
+    json.dumps(info)

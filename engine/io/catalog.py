@@ -222,7 +222,7 @@ def describe_entry(
     variables = {name: _describe_var(ds[name], storage, plan) for name in ds.data_vars}
     out = spec.to_dict()
     del out["chunks"]
-    attrs = redact(dict(ds.attrs))
+    attrs = redact({str(k): _plain(v) for k, v in ds.attrs.items()})
     out.update(
         catalog=redact_url(spec.catalog),
         dims={str(d): int(n) for d, n in ds.sizes.items()},
@@ -517,6 +517,10 @@ def _extent(ds: xr.Dataset, dim: Any) -> list[Any]:
 
 
 def _plain(value: Any) -> Any:
+    """A plain Python value (numpy arrays become lists, scalars and dates plain)."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and getattr(value, "ndim", 0) > 0:
+        return tolist()
     item = getattr(value, "item", None)
     if hasattr(value, "isoformat"):
         return value.isoformat()
