@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import dask
 import numpy as np
@@ -36,17 +37,47 @@ def check_variables(ds: xr.Dataset, names: Sequence[str], what: str = "variable"
 
 
 def valid_mask(ds: xr.Dataset, variables: Sequence[str], mask: str | None = None) -> xr.DataArray:
-    """True where every variable is finite and (if given) the mask variable is set."""
-    check_variables(ds, variables)
-    ok = None
-    for v in variables:
-        f = np.isfinite(ds[v])
-        ok = f if ok is None else ok & f
+    """True where every variable is finite and (if given) the mask variable is set.
+
+    ``mask`` is set where it is non-zero and not NaN (a boolean, integer or float flag).
+    With no variables the result is the mask alone; with neither it is an error. The
+    result is a lazy boolean DataArray broadcast over the dims of all its inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> ds = xr.Dataset({"a": ("x", [1.0, np.nan, 3.0, 4.0]), "land": ("x", [1, 1, 0, 1])})
+    >>> valid_mask(ds, ["a"], mask="land").values.tolist()
+    [True, False, False, True]
+    >>> valid_mask(ds, [], mask="land").values.tolist()
+    [True, True, False, True]
+    """
+    names = list(variables)
+    if not names and mask is None:
+        raise SpecError("valid_mask needs at least one variable or a mask")
+    check_variables(ds, names)
+    parts: list[xr.DataArray] = []
+    for v in names:
+        x = ds[v]
+        # finiteness only means something for floats and complex numbers; integers and
+        # booleans hold no NaN, times only NaT (np.isfinite refuses some of these dtypes)
+        if np.issubdtype(x.dtype, np.inexact):
+            parts.append(cast(xr.DataArray, np.isfinite(x)))
+        elif x.dtype.kind in "mM":  # datetimes and timedeltas: NaT is missing
+            parts.append(x.notnull())
+        else:
+            parts.append(xr.ones_like(x, dtype=bool))
     if mask is not None:
         check_variables(ds, [mask], "mask")
         m = ds[mask]
-        ok = ok & (m.fillna(0) != 0)
-    return ok
+        if np.issubdtype(m.dtype, np.bool_):
+            parts.append(m)
+        else:
+            parts.append(m.notnull() & (m != 0))
+    ok = parts[0]
+    for p in parts[1:]:
+        ok = ok & p
+    return ok.astype(bool).rename("valid")
 
 
 @dataclass(frozen=True)
@@ -74,17 +105,25 @@ def compute_train_stats(
 ) -> TrainStats:
     """Mean, std and the OLS normal equations over ``where`` in one distributed pass.
 
+    ``where`` is a boolean mask of the training cells, e.g. ``(split == 1) & valid``; only
+    cells where it is True *and* every feature and the target are finite count (``n``).
     Sums are accumulated in float64. The OLS solve uses the centred normal equations,
     which are well conditioned for features on very different scales (hPa vs g/kg).
     """
     names = [*features, target]
-    w = where.astype(bool)
+    check_variables(ds, names)
+    if not np.issubdtype(where.dtype, np.bool_):
+        raise SpecError(f"where= is {where.dtype}, not boolean: pass a mask such as "
+                        "(split == 1) & valid (an int8 split label of -1 would count as True)")
+    # a cell counts once every value it contributes is finite, so n and the sums agree
+    w = where & valid_mask(ds, names)
     n = w.sum()
-    sums = {v: ds[v].astype(np.float64).where(w).sum() for v in names}
+    x64 = {v: ds[v].astype(np.float64).where(w) for v in names}
+    sums = {v: x64[v].sum() for v in names}
     sq = {}
     for i, a in enumerate(names):
         for b in names[i:]:
-            sq[(a, b)] = (ds[a].astype(np.float64) * ds[b].astype(np.float64)).where(w).sum()
+            sq[(a, b)] = (x64[a] * x64[b]).sum()
     n_, sums_, sq_ = dask.compute(n, sums, sq)
     n_ = int(n_)
     if n_ < len(names) + 1:
