@@ -105,7 +105,6 @@ OPEN_KWARGS = frozenset(
         "inline_array",
         "cache",
         "use_zarr_fill_value_as_mask",
-        "format",
     }
 )
 #: xarray backends an entry may name.
