@@ -89,7 +89,8 @@ class PixelSamples(IterableDataset):
         cube[_KEEP] = where.broadcast_like(tgt).transpose(*dims).astype(np.float32)
         nf = len(self.features)
         self._patches: PatchIterator = iter_patches(
-            cube, size={d: 1 for d in dims}, variables=[*[f"x{i}" for i in range(nf)], "y", _KEEP],
+            cube, size={str(d): 1 for d in dims},
+            variables=[*[f"x{i}" for i in range(nf)], "y", _KEEP],
             batch_size=self.batch_size, where=_KeepFlag(nf + 1), shuffle=shuffle, seed=seed,
             shuffle_buffer=max(1, int(config.get("train.shuffle-buffer-chunks", buffer_chunks))),
             client=client,
