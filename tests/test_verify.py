@@ -38,11 +38,11 @@ def chunk(url, *index) -> str:
     return os.path.join(url, "t2m", "c", *map(str, index))
 
 
-def run_cli(url, *flags) -> tuple[int, str]:
+def run_cli(url, *flags) -> tuple[int, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="cube-engine")
     cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["verify", url, *flags])
-    return cli.run(args), ""
+    return cli.run(args), args
 
 
 def test_deleted_chunk_is_redone_by_resume(tmp_path, store):
@@ -117,7 +117,8 @@ def test_cli_exit_codes(tmp_path, store, capsys):
     os.remove(chunk(store, 2, 1, 0))
     assert run_cli(store)[0] == 1
     out = capsys.readouterr().out
-    assert "1 of 12 regions" in out and "region 2.1.0 (time=8:12, lat=5:10, lon=0:4): missing" in out
+    assert "1 of 12 regions" in out
+    assert "region 2.1.0 (time=8:12, lat=5:10, lon=0:4): missing" in out
     assert run_cli(store, "--json")[0] == 1
     doc = json.loads(capsys.readouterr().out)
     assert not doc["ok"] and [d["id"] for d in doc["damaged"]] == ["2.1.0"]

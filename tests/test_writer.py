@@ -371,3 +371,126 @@ def test_cluster_write_keeps_a_bounded_window_of_regions(tmp_path):
     assert max(held) <= 3
     np.testing.assert_array_equal(open_store(str(tmp_path / "w.zarr")).x.values,
                                   data.compute())
+
+
+def test_other_values_on_the_same_layout_are_refused(tmp_path, cube):
+    """A retrained model or changed inputs give another graph: resuming would keep the old
+    values silently, so the data's dask token is part of the resume identity."""
+    url = str(tmp_path / "out.zarr")
+    writer.write(cube, url, region_chunks=REGIONS)
+    before = snapshot(url)
+    with pytest.raises(ResumeError, match=r"written from different inputs \(data\): pass "
+                                          r"restart=True \(CLI --restart\) to recompute") as err:
+        writer.write(cube + 1, url, region_chunks=REGIONS)
+    assert "\n" not in str(err.value)
+    assert snapshot(url) == before
+    assert writer.write(cube, url).n_written == 0  # the same graph resumes
+    res = writer.write(cube + 1, url, restart=True, region_chunks=REGIONS)
+    assert res.n_written == 12
+    xr.testing.assert_identical(open_store(url), (cube + 1).compute())
+
+
+def test_identity_names_what_changed(tmp_path, cube):
+    url = str(tmp_path / "out.zarr")
+    ident = {"model_hash": "m1", "inputs": "sha256:aa", "spec": "s1"}
+    writer.write(cube, url, region_chunks=REGIONS, identity=ident)
+    with pytest.raises(ResumeError, match=r"different inputs \(inputs, model_hash\)"):
+        writer.write(cube, url, identity={**ident, "model_hash": "m2", "inputs": "sha256:bb"})
+    with pytest.raises(ResumeError, match=r"different inputs \(spec\)"):
+        writer.write(cube, url, identity={k: v for k, v in ident.items() if k != "spec"})
+    assert writer.write(cube, url, identity=dict(ident)).n_skipped == 12
+    fp = json.load(open(os.path.join(url, ".engine", "fingerprint.json")))["fingerprint"]
+    assert fp["identity"]["model_hash"] == "m1" and len(fp["identity"]["data"]) == 32
+    with pytest.raises(SpecError, match="identity must be a mapping"):
+        writer.write(cube, url, identity="m1")
+
+
+def test_rotating_a_secret_resumes_and_no_secret_is_stored(tmp_path, cube):
+    url = str(tmp_path / "out.zarr")
+
+    def job(secret):
+        return dict(
+            fingerprint={"job": "a", "storage_options": {"key": "AKIA", "secret": secret,
+                                                         "endpoint_url": "http://h:9000"}},
+            identity={"input": f"https://user:{secret}@host/in.zarr?sig={secret}",
+                      "token": secret},
+        )
+
+    writer.write(cube, url, region_chunks=REGIONS, **job("old-secret-1"))
+    res = writer.write(cube, url, region_chunks=REGIONS, **job("new-secret-2"))
+    assert (res.n_written, res.n_skipped) == (0, 12)
+    blobs = b"".join(open(os.path.join(d, f), "rb").read()
+                     for d, _, fs in os.walk(url) for f in fs)
+    assert b"old-secret-1" not in blobs and b"AKIA" not in blobs
+    fp = json.load(open(os.path.join(url, ".engine", "fingerprint.json")))["fingerprint"]
+    assert fp["user"]["storage_options"]["endpoint_url"] == "http://h:9000"  # kept: no secret
+
+
+def test_region_keys_are_tokens_of_all_their_inputs(tmp_path, cube):
+    from engine.io.writer.distributed import region_key, region_token
+    from engine.io.writer.tasks import RegionTask, pack, region_data
+    from engine.ops.regions import plan_layout, plan_regions
+
+    layout = plan_layout(cube, {})
+    region = plan_regions(layout, {"time": [0, 4, 12], "lat": [0, 10], "lon": [0, 8]})[0]
+
+    def key(ds=cube, url="s3://b/out.zarr", secret="s1", endpoint="http://h", fp="f",
+            lay=layout, reg=region):
+        so = {"key": "k", "secret": secret, "client_kwargs": {"endpoint_url": endpoint}}
+        task = RegionTask(url, None, reg, fp)
+        return region_key(region_token(url, so, lay, fp), task, pack(region_data(ds, task)))
+
+    k = key()
+    assert k.startswith("write-region-0.0.0-") and key() == k
+    assert key(secret="s2") == k  # no secret hashed; rotating one changes nothing
+    others = [key(ds=cube + 1), key(url="s3://b/other.zarr"), key(endpoint="http://g"),
+              key(fp="g"), key(lay={"t2m": {**layout["t2m"], "chunks": [2, 5, 4]}}),
+              key(reg=plan_regions(layout, {"time": [0, 4, 12], "lat": [0, 10],
+                                            "lon": [0, 8]})[1])]
+    assert len({k, *others}) == 1 + len(others)
+
+
+def test_two_writes_in_one_session_never_share_a_key(tmp_path, monkeypatch):
+    """Concurrent writes of the same and of other data through one client: every region
+    task has its own key, and each store gets its own values."""
+    import threading
+
+    from distributed import Client
+
+    from engine.io.writer import distributed as dist
+
+    keys: list[str] = []
+    real = dist.region_key
+    monkeypatch.setattr(dist, "region_key", lambda *a: keys.append(real(*a)) or keys[-1])
+    data = da.random.default_rng(1).random((8, 10, 8), chunks=(4, 5, 4)).astype("f4")
+    a = xr.Dataset({"x": (("time", "lat", "lon"), data)})
+    jobs = [(a, "a.zarr"), (a, "b.zarr"), (a * 2, "c.zarr")]
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        threads = [threading.Thread(target=writer.write, args=(ds, str(tmp_path / name)),
+                                    kwargs={"client": c, "region_chunks": {"time": 4}})
+                   for ds, name in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(keys) == 3 * 2 * 2 * 2 and len(set(keys)) == len(keys)
+    for ds, name in jobs:
+        np.testing.assert_array_equal(open_store(str(tmp_path / name)).x.values,
+                                      ds.x.values)
+
+
+def test_store_identity_changes_with_one_chunk(tmp_path, cube):
+    from engine.io.stores import store_identity
+
+    url = str(tmp_path / "out.zarr")
+    writer.write(cube, url, region_chunks=REGIONS)
+    first = store_identity(url)
+    assert first == store_identity(f"file://{url}/") and first.startswith("sha256:")
+    path = os.path.join(url, "t2m", "c", "1", "1", "0")
+    blob = bytearray(open(path, "rb").read())
+    blob[-1] ^= 0xFF  # same size, other bytes
+    open(path, "wb").write(bytes(blob))
+    assert store_identity(url) != first
+    assert store_identity(path) != store_identity(os.path.join(url, "t2m", "c", "1", "1", "1"))
+    with pytest.raises(StoreError, match="nothing exists"):
+        store_identity(str(tmp_path / "missing.zarr"))
