@@ -31,7 +31,7 @@ $(BIN)/python:
 # PyTorch's index cannot be reached.
 install-torch-cpu: $(BIN)/python
 	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
-	  echo "torch $(TORCH_VERSION) already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	  echo "torch $(TORCH_VERSION) already installed"; \
 	else \
 	  $(PIP) --quiet --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu' 2>/dev/null \
 	  || { echo "$(TORCH_CPU_INDEX) not reachable: torch $(TORCH_VERSION)+cpu from pip's configured sources"; \
