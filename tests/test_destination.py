@@ -80,11 +80,21 @@ def test_protected_folders_are_refused(tmp_path, monkeypatch, cube, where):
     url = {"..": "..", ".": ".", "parent-abs": str(tmp_path / "a"), "root": "/",
            "home": "~"}[where]
     before = listing(tmp_path)
+
+    def no_delete(*args, **kwargs):
+        raise AssertionError(f"the test tried to delete {args}")
+
+    # A regression here must fail, never delete: the code before this check removed
+    # whatever was at the output path (rm -rf of "/" as root took /etc with it).
+    monkeypatch.setattr("engine.io.stores.remove_store", no_delete)
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileSystem.rm", no_delete)
+    monkeypatch.setattr("shutil.rmtree", no_delete)
     with pytest.raises(StoreError, match="refusing to use .* as an output store: it is") as err:
-        writer.write(cube, url, overwrite=True)
-    one_line(err)
-    with pytest.raises(StoreError, match="refusing"):
         check_destination(url, overwrite=True)
+    one_line(err)
+    if where != "root":  # every other spelling points inside tmp_path
+        with pytest.raises(StoreError, match="refusing"):
+            writer.write(cube, url, overwrite=True)
     assert listing(tmp_path) == before
 
 
@@ -150,15 +160,24 @@ def test_a_sibling_of_an_input_is_fine(tmp_path):
     assert check_destination(str(tmp_path / "in.zarr2"), inputs=[str(src)]) == "create"
 
 
-@pytest.mark.parametrize("path", ["/proc/cube-engine-test/x.zarr", "/etc/hostname/x.zarr"])
-def test_unwritable_destination_is_one_line(path, cube):
-    if not os.path.exists(path.split("/x.zarr")[0].rsplit("/", 1)[0]):
-        pytest.skip("no such folder on this system")
+@pytest.mark.parametrize("case", ["proc", "file-as-parent", "etc-hostname"])
+def test_unwritable_destination_is_one_line(tmp_path, cube, case):
+    if case == "file-as-parent":
+        (tmp_path / "hostname").write_text("a file")
+        path = str(tmp_path / "hostname" / "x.zarr")
+    else:
+        path = {"proc": "/proc/cube-engine-test/x.zarr", "etc-hostname": "/etc/hostname/x.zarr"}[
+            case]
+        if case == "etc-hostname" and not os.path.isfile("/etc/hostname"):
+            pytest.skip("/etc/hostname is not a file on this system")
     with pytest.raises(StoreError) as err:
         writer.write(cube, path)
     msg = one_line(err)
     assert path in msg and "choose" in msg
     assert not os.path.exists(path)
+    if case == "file-as-parent":
+        assert "is a file, not a folder" in msg
+        assert (tmp_path / "hostname").read_text() == "a file"
 
 
 def _as_nobody(fn) -> str:
@@ -239,3 +258,23 @@ def test_s3_without_credentials_is_one_line(monkeypatch, tmp_path, cube):
             writer.write(cube, s3.url("out.zarr"), storage_options=so)
         one_line(err)
         assert not s3.filesystem().exists(f"{s3.bucket}/out.zarr")
+
+
+def test_remove_store_refuses_what_is_not_a_store(tmp_path, monkeypatch):
+    """The last guard inside the delete itself, whatever its caller checked."""
+    import fsspec
+
+    from engine.io import stores
+
+    fs = fsspec.filesystem("file")
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        stores.remove_store(fs, str(folder))
+    monkeypatch.chdir(folder)
+    (folder / "zarr.json").write_text("{}")
+    for protected in (str(folder), str(tmp_path)):
+        with pytest.raises(StoreError, match="not an output store"):
+            stores.remove_store(fs, protected)
+    assert (folder / "notes.txt").read_text() == "keep"

@@ -143,11 +143,31 @@ def store_exists(fs: fsspec.AbstractFileSystem, root: str) -> bool:
 
 
 def remove_store(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Delete everything under ``root`` (missing is fine)."""
+    """Delete the Zarr store at ``root`` (missing is fine).
+
+    A last guard whatever the caller checked: only a folder with Zarr metadata or the
+    engine's records at its root is deleted, never the filesystem root, the home folder,
+    the current folder or one of its parents.
+    """
     fs.invalidate_cache(root)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    if not fs.exists(root):
+        return
+    if _is_local_fs(fs):
+        real = os.path.realpath(root)
+        cwd = os.path.realpath(os.getcwd())
+        if real in (os.path.realpath(os.sep), os.path.realpath(os.path.expanduser("~"))) or \
+                cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+            raise StoreError(f"refusing to delete {root}: it is not an output store")
+    if fs.isfile(root) or not (is_zarr_store(fs, root) or fs.exists(f"{root}/.engine")):
+        raise StoreError(f"refusing to delete {root}: it is not a Zarr store")
+    fs.rm(root, recursive=True)
     fs.invalidate_cache(root)
+
+
+def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def put_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
