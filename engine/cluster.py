@@ -284,32 +284,32 @@ def _probe_scheduler(address: str, security: Security | None, timeout: float) ->
             "(a scheduler listens on port 8786 by default) and whether it speaks tls:// or "
             "tcp://"
         ) from None
-    except FatalCommClosedError as err:
+    except (CommClosedError, OSError, ValueError, TypeError, RuntimeError) as err:
         detail = _one_line(err)
-        if scheme == "tls" and "certificate" in detail.lower():
+        if scheme == "tls" and "certificate does not match" in detail:
             raise ClusterError(
                 f"the scheduler at {address} has a certificate that the given CA did not "
                 f"sign ({detail}): use this cluster's CA file with --tls-ca"
             ) from None
-        raise ClusterError(
-            f"TLS handshake with {address} failed ({detail}): is it a TLS scheduler? "
-            "A plaintext one is reached with tcp://"
-        ) from None
-    except CommClosedError as err:
-        detail = _one_line(err)
-        if scheme == "tls":
+        rejected = " alert " in f" {detail.lower()} " or (
+            isinstance(err, CommClosedError) and not isinstance(err, FatalCommClosedError))
+        if scheme == "tls" and rejected:  # the scheduler's verdict on our certificate
             raise ClusterError(
                 f"the scheduler at {address} closed the TLS connection ({detail}): it did not "
                 "accept this client's certificate; use one signed by the cluster's CA "
                 "(--tls-cert, --tls-key)"
             ) from None
-        raise ClusterError(
-            f"the server at {address} closed the connection ({detail}): if the scheduler "
-            f"speaks TLS, connect with tls:// and {_TLS_HINT}"
-        ) from None
-    except (OSError, ValueError, TypeError, RuntimeError) as err:
-        raise ClusterError(f"cannot connect to the scheduler at {address}: {_one_line(err)}"
-                           ) from None
+        if scheme == "tls":
+            raise ClusterError(
+                f"TLS handshake with {address} failed ({detail}): is it a TLS scheduler? "
+                "A plaintext one is reached with tcp://"
+            ) from None
+        if isinstance(err, CommClosedError):
+            raise ClusterError(
+                f"the server at {address} closed the connection ({detail}): if the scheduler "
+                f"speaks TLS, connect with tls:// and {_TLS_HINT}"
+            ) from None
+        raise ClusterError(f"cannot connect to the scheduler at {address}: {detail}") from None
     kind = reply.get("type") if isinstance(reply, dict) else None
     if kind != "Scheduler":
         what = f"a dask {kind}" if isinstance(kind, str) else "not a dask server"

@@ -11,6 +11,7 @@ the certificate file). Without flags they come from dask's own configuration,
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Sequence
 
@@ -55,6 +56,8 @@ def tls_security(
     >>> sec = tls_security("ca.pem", "client.pem", "client-key.pem")  # doctest: +SKIP
     >>> connect("tls://10.0.0.5:8786", security=sec)  # doctest: +SKIP
     """
+    ca_file, cert_file = os.path.expanduser(ca_file), os.path.expanduser(cert_file)
+    key_file = os.path.expanduser(key_file) if key_file is not None else None
     _check_pem(ca_file, names[0], "certificate of the cluster's authority (CA)")
     _check_pem(cert_file, names[1], "certificate of this client")
     if key_file is not None:
@@ -97,12 +100,16 @@ def configured_security() -> Security | None:
         missing = _CONFIG_NAMES[0] if not ca else _CONFIG_NAMES[1]
         raise SpecError(f"dask config sets part of the TLS files but not {missing}: set "
                         f"{', '.join(_CONFIG_NAMES[:2])} (and the key), or none of them")
-    if "\n" not in ca and "\n" not in cert:  # paths; PEM text in config is dask's too
-        _check_pem(ca, _CONFIG_NAMES[0], "certificate of the cluster's authority (CA)")
-        _check_pem(cert, _CONFIG_NAMES[1], "certificate of this client")
-        if key and "\n" not in key:
-            _check_pem(key, _CONFIG_NAMES[2], "private key of the client certificate")
-    return Security()
+    if "\n" in ca or "\n" in cert:  # PEM text in the config, which dask accepts too
+        return Security()
+    ca, cert = os.path.expanduser(ca), os.path.expanduser(cert)
+    key = os.path.expanduser(key) if key and "\n" not in key else key
+    _check_pem(ca, _CONFIG_NAMES[0], "certificate of the cluster's authority (CA)")
+    _check_pem(cert, _CONFIG_NAMES[1], "certificate of this client")
+    if key and "\n" not in key:
+        _check_pem(key, _CONFIG_NAMES[2], "private key of the client certificate")
+    # dask reads every other role and setting from its config; ~ it does not expand
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key)
 
 
 def has_client_tls(security: Security | None) -> bool:
