@@ -46,10 +46,15 @@ class Damage:
     region: tuple[int, ...]
     problem: Problem
     detail: str
+    slices: dict[str, tuple[int, int]]
 
     @property
     def id(self) -> str:
         return ".".join(map(str, self.region))
+
+    def describe(self) -> str:
+        where = ", ".join(f"{d}={a}:{b}" for d, (a, b) in self.slices.items())
+        return f"region {self.id} ({where}): {self.problem}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ class VerifyResult:
         out = asdict(self)
         out["url"] = redact_url(self.url)
         out["ok"] = self.ok
-        out["damaged"] = [{**asdict(d), "region": list(d.region), "id": d.id}
+        out["damaged"] = [{**asdict(d), "region": list(d.region), "id": d.id,
+                           "slices": {k: list(s) for k, s in d.slices.items()}}
                           for d in self.damaged]
         return out
 
@@ -140,10 +146,15 @@ def verify(url: str, storage_options: dict | None = None, *,
     regions = plan_regions(layout, template["regions"])
     records = {i: r for i, r in read_manifest(url, so).items()
                if r.get("fingerprint") == fp["hash"]}
+    slices = {r.index: r.slices for r in regions}
     damaged: dict[tuple[int, ...], Damage] = {}
+
+    def damage(index: tuple[int, ...], problem: Problem, detail: str) -> None:
+        damaged.setdefault(index, Damage(index, problem, detail, slices.get(index, {})))
+
     for r in regions:
         if r.index not in records:
-            damaged[r.index] = Damage(r.index, "unfinished", "no manifest record")
+            damage(r.index, "unfinished", "no manifest record")
 
     names = {k.split("/", 1)[0] for rec in records.values() for k in (rec.get("objects") or {})}
     sizes = list_objects(fs, root, names)
@@ -153,12 +164,12 @@ def verify(url: str, storage_options: dict | None = None, *,
             if now == size:
                 continue
             if size is not None and now is None:
-                damaged[index] = Damage(index, "missing", f"{key} is gone")
+                damage(index, "missing", f"{key} is gone")
             elif size is None:
-                damaged[index] = Damage(index, "size", f"{key} exists ({now} bytes) where an "
-                                                       "all-fill chunk was recorded")
+                damage(index, "size", f"{key} exists ({now} bytes) where an all-fill chunk "
+                                      "was recorded")
             else:
-                damaged[index] = Damage(index, "size", f"{key} has {now} bytes, {size} recorded")
+                damage(index, "size", f"{key} has {now} bytes, {size} recorded")
             break
 
     if checksums:
@@ -167,15 +178,14 @@ def verify(url: str, storage_options: dict | None = None, *,
             stored = xr.open_zarr(store, consolidated=False, chunks=None)
         except Exception as err:
             for index in records:
-                damaged.setdefault(index, Damage(index, "unreadable",
-                                                 f"store metadata: {type(err).__name__}"))
+                damage(index, "unreadable", f"store metadata: {type(err).__name__}")
             stored = None
         for index, rec in sorted(records.items()):
             if stored is None or index in damaged:
                 continue
             problem = _check_values(stored, rec)
             if problem is not None:
-                damaged[index] = Damage(index, *problem)
+                damage(index, *problem)
     return VerifyResult(url=url, n_regions=len(regions), n_recorded=len(records),
                         checksums=checksums,
                         damaged=tuple(damaged[i] for i in sorted(damaged)))
