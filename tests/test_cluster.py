@@ -112,6 +112,22 @@ def test_local_cluster_listens_on_localhost_only():
     assert not alive
 
 
+def test_process_client_of_the_tests_listens_on_localhost_only():
+    import os
+
+    import psutil
+
+    from engine.testing.clusters import process_client
+
+    me = os.getpid()
+    before = {(ip, port) for _, ip, port in _listening([me])}
+    with process_client(1) as client:
+        kids = [p.pid for p in psutil.Process(me).children(recursive=True)]
+        sockets = [s for s in _listening([me, *kids]) if (s[1], s[2]) not in before]
+        assert client.cluster.scheduler.http_server.port in {port for _, _, port in sockets}
+        assert {ip for _, ip, _ in sockets} == {"127.0.0.1"}, sockets
+
+
 def test_closing_the_client_closes_its_local_cluster():
     with connect("threads", n_workers=1) as client:
         cluster = client.cluster
