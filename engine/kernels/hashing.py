@@ -17,7 +17,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray | np.integer) -> np.ndarray:
     """Finalise ``x`` (uint64) with the SplitMix64 mixer; wraps modulo 2**64."""
     z = np.asarray(x, dtype=np.uint64) + _GAMMA
     with np.errstate(over="ignore"):
