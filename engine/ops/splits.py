@@ -4,6 +4,14 @@ Every split here is a pure function of (global index, seed): the same on every c
 every scheduler, every chunking and every worker count. That is what ml4xcube's
 ``assign_block_split`` promises and does not do (it draws from Python's global RNG at
 compute time; see shared/research/peers_ml4xcube_xbatcher.md section 1.2).
+
+Dimensions are the cube's own: keys of ``blocks``/``buffer`` and ``dims``/``dim`` take the
+cube's names or the aliases of its horizontal dims (``lat``, ``latitude``, ``y`` and
+``lon``, ``longitude``, ``x``), found by CF attributes or name (:mod:`engine.dims`).
+Every dask key is a token of what the labels depend on -- sizes, chunks and every
+parameter -- not of the data values, which no split reads: two splits of one cube with
+other parameters or chunkings compose in one graph, and a split built twice is the same
+graph.
 """
 
 from __future__ import annotations
