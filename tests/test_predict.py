@@ -276,6 +276,18 @@ def test_keys_are_deterministic_and_name_every_input():
         predict(ds, pa_model, tile=None).data.name
 
 
+def test_meter_counts_real_pixels_once_not_the_padding():
+    from engine.meter import Meter
+
+    ds = synthetic_cube({"time": 2, "lat": 50, "lon": 37}, chunks={"lat": 20, "lon": 16})
+    m = Meter()
+    with m.phase("p"):
+        predict(ds, _identity_conv(), tile={"lat": 16, "lon": 16}, overlap=0.5).compute(
+            scheduler="threads")  # in this process, whatever client an earlier test left
+    tot = m.summary()["phases"]["p"]["total"]
+    assert tot["output_pixels"] == 2 * 50 * 37  # each real pixel once: no halo, no padding
+
+
 def test_bf16_autocast_on_cpu_stays_close_and_float32():
     ds = synthetic_cube({"time": 1, "lat": 64, "lon": 64}, chunks={"lat": 32})
     ref = predict(ds, _identity_conv(), tile=TILE).values

@@ -450,9 +450,13 @@ def overlap_add(acc: Any, preds: Any, stride: Sequence[int], weights: Any | None
             sel = sel * weights
         base = acc[(slice(None),) * lead
                    + tuple(slice(ri * st, None) for ri, st in zip(r, stride, strict=True))]
-        shape = base.shape[:lead] + sel.shape[lead:lead + k] + tuple(size)
-        strides = (base.strides[:lead]
-                   + tuple(base.strides[lead + j] * q[j] * stride[j] for j in range(k))
-                   + base.strides[lead:])
+        # interleaved (count, size) axes per spatial axis: the view walks acc in memory
+        # order, and where q*stride == size it is one contiguous region per leading index
+        shape = base.shape[:lead] + tuple(
+            v for j in range(k) for v in (sel.shape[lead + j], size[j]))
+        strides = base.strides[:lead] + tuple(
+            v for j in range(k) for v in (base.strides[lead + j] * q[j] * stride[j],
+                                          base.strides[lead + j]))
         view = xp.lib.stride_tricks.as_strided(base, shape=shape, strides=strides)
-        view += sel
+        view += sel.transpose(*range(lead), *(a for j in range(k)
+                                              for a in (lead + j, lead + k + j)))

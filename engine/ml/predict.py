@@ -408,6 +408,11 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
     win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
     total = m_count * math.prod(counts)
+    weights = gaussian_weights(tile) if blend == "gaussian" else None
+    if weights is not None and xp is not np:
+        weights = xp.asarray(weights)
+    # every weighted window of the block, then one strided add per grid offset class;
+    # holds ceil(T/S)**k times the output block (4x at 50 % overlap in 2-D)
     preds = xp.empty((total, out_channels, *tile), xp.float32)
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
@@ -425,15 +430,13 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
                 raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
                                    f"{tuple(batch.shape)}; expected (batch, {out_channels}, "
                                    f"*{tile}): check out_channels= and the model")
+            if weights is not None:
+                out *= weights
             preds[b0:b0 + len(flat)] = out
-    # (M*prod(counts), O, *tile) -> (M, O, *counts, *tile), then one strided add per grid
-    # offset class (no loop over windows)
+    # (M*prod(counts), O, *tile) -> (M, O, *counts, *tile): no Python loop over windows
     preds = xp.moveaxis(preds.reshape(m_count, *counts, out_channels, *tile), 1 + k, 1)
-    weights = gaussian_weights(tile) if blend == "gaussian" else None
-    if weights is not None and xp is not np:
-        weights = xp.asarray(weights)
     acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
-    overlap_add(acc, preds, stride, weights)
+    overlap_add(acc, preds, stride)
     wsum = _block_weight_sum(ext, tile, stride, blend)
     acc /= wsum if xp is np else xp.asarray(wsum)
     pixels = m_count
