@@ -398,6 +398,7 @@ def test_label_counts_equal_the_full_labels(sizes, data):
     test_grid = np.asarray(data.draw(st.lists(st.booleans(), min_size=int(np.prod(grid)),
                                               max_size=int(np.prod(grid))))).reshape(grid)
     full = block_labels([0] * len(sizes), sizes, blocks, test_grid, buffer, sizes)
-    counts = label_counts(blocks, test_grid, buffer, sizes)
-    assert counts == {"train": int((full == 1).sum()), "test": int((full == 0).sum()),
-                      "buffer": int((full == -1).sum())}
+    want = {"train": int((full == 1).sum()), "test": int((full == 0).sum()),
+            "buffer": int((full == -1).sum())}
+    assert label_counts(blocks, test_grid, buffer, sizes) == want
+    assert label_counts(blocks, test_grid, buffer, sizes, max_elements=3) == want  # slabs

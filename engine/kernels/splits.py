@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -189,12 +190,14 @@ def _segments(n: int, b: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_counts(
-    blocks: Sequence[int], test_grid: np.ndarray, buffer: Sequence[int], sizes: Sequence[int]
+    blocks: Sequence[int], test_grid: np.ndarray, buffer: Sequence[int], sizes: Sequence[int],
+    max_elements: int = 1 << 22,
 ) -> dict[str, int]:
     """Cells labelled train, test and buffer by :func:`block_labels` over the whole array.
 
     Computed on runs of cells with one label (at most three per block and buffered
-    dim) instead of on every cell, so the cost is that of the block grid, not the cube.
+    dim) instead of on every cell, so the cost is that of the block grid, not the cube;
+    runs are visited in slabs along the first dim of at most ``max_elements`` each.
 
     Examples
     --------
@@ -210,21 +213,27 @@ def label_counts(
         own.append(starts // b)
         lo.append(np.maximum(starts - w, 0) // b)
         hi.append(np.minimum(starts + w, n - 1) // b)
-    is_test = test_grid[np.ix_(*own)]
     # any test block in the box [lo, hi] per dim: a summed-area table, inclusion-exclusion
     sat = np.pad(test_grid.astype(np.int64), [(1, 0)] * ndim)
     for axis in range(ndim):
         sat = np.cumsum(sat, axis=axis)
-    near = np.zeros(is_test.shape, np.int64)
-    for corner in np.ndindex(*([2] * ndim)):
-        idx = [h + 1 if c else l_ for c, l_, h in zip(corner, lo, hi, strict=True)]
-        sign = -1 if (ndim - sum(corner)) % 2 else 1
-        near += sign * sat[np.ix_(*idx)]
-    weight = _cells([length for _, length in segs])
-    test = int(weight[is_test].sum())
-    buffer_cells = int(weight[~is_test & (near > 0)].sum())
-    return {"train": int(weight.sum()) - test - buffer_cells, "test": test,
-            "buffer": buffer_cells}
+    inner = math.prod(len(o) for o in own[1:])
+    step = max(1, max_elements // max(inner, 1))
+    test = buffer_cells = total = 0
+    for a in range(0, len(own[0]), step):
+        sl = slice(a, a + step)
+        o, lo_, hi_ = [own[0][sl], *own[1:]], [lo[0][sl], *lo[1:]], [hi[0][sl], *hi[1:]]
+        is_test = test_grid[np.ix_(*o)]
+        near = np.zeros(is_test.shape, np.int64)
+        for corner in np.ndindex(*([2] * ndim)):
+            idx = [h + 1 if c else l_ for c, l_, h in zip(corner, lo_, hi_, strict=True)]
+            sign = -1 if (ndim - sum(corner)) % 2 else 1
+            near += sign * sat[np.ix_(*idx)]
+        weight = _cells([segs[0][1][sl], *[length for _, length in segs[1:]]])
+        test += int(weight[is_test].sum())
+        buffer_cells += int(weight[~is_test & (near > 0)].sum())
+        total += int(weight.sum())
+    return {"train": total - test - buffer_cells, "test": test, "buffer": buffer_cells}
 
 
 def fold_labels(k: int, n: int, buffer: int, periodic: bool, lo: int, hi: int) -> np.ndarray:
