@@ -128,6 +128,21 @@ def test_process_client_of_the_tests_listens_on_localhost_only():
         assert {ip for _, ip, _ in sockets} == {"127.0.0.1"}, sockets
 
 
+def test_thread_client_of_the_tests_listens_on_localhost_only():
+    import os
+
+    from engine.testing.clusters import thread_client
+
+    me = os.getpid()
+    before = {(ip, port) for _, ip, port in _listening([me])}
+    with thread_client(2, threads_per_worker=2) as client:
+        opened = {(ip, port) for _, ip, port in _listening([me])} - before
+        assert len(opened) == 3  # the scheduler's HTTP server and one per worker
+        assert {ip for ip, _ in opened} == {"127.0.0.1"}, opened
+        assert sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()) == 4
+        assert client.submit(sum, [1, 2]).result() == 3
+
+
 def test_closing_the_client_closes_its_local_cluster():
     with connect("threads", n_workers=1) as client:
         cluster = client.cluster
