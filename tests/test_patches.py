@@ -380,9 +380,10 @@ def _expected_np(ds, key, size, pad):
 
 @pytest.mark.parametrize("pad", list(_MODES))
 def test_edge_patches_equal_np_pad_of_the_cube(pad):
-    # last chunks of 1 and 3 cells: the padding reads pixels from the chunk before;
-    # lon (6 cells) is shorter than the window (8): a reflection wider than the axis
-    ds = synthetic_cube({"time": 2, "lat": 25, "lon": 6}, chunks={"lat": 12, "lon": 3})
+    # a last lat chunk of 1 cell: the padding reads pixels from the chunk before;
+    # lon has 3 cells (in chunks of 2 and 1) and the window 8: a pad of 5 cells, wider than
+    # the axis, which a reflection covers by reflecting again (numpy's rule)
+    ds = synthetic_cube({"time": 2, "lat": 25, "lon": 3}, chunks={"lat": 12, "lon": 2})
     size = (8, 8)
     it = iter_patches(ds, size={"lat": 8, "lon": 8}, stride={"lat": 3}, pad=pad)
     got = _pairs(it)
