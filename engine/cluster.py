@@ -103,8 +103,8 @@ def _whole(value: Any, option: str, source: str, *, allow_none: bool) -> int | N
     elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
         number = int(value)
     if number is None or number < 1:
-        what = "a whole number of at least 1" + (" or null (one per core)" if allow_none
-                                                   else "")
+        default = "one per core" if option == "n-workers" else "dask's default"
+        what = "a whole number of at least 1" + (f" or null ({default})" if allow_none else "")
         raise SpecError(f"{name} must be {what}, got {value!r}: "
                         + fix.format(example=2 if option == "n-workers" else 1))
     return number
@@ -284,7 +284,7 @@ def _probe_scheduler(address: str, security: Security | None, timeout: float) ->
             "(a scheduler listens on port 8786 by default) and whether it speaks tls:// or "
             "tcp://"
         ) from None
-    except (CommClosedError, OSError, ValueError, TypeError, RuntimeError) as err:
+    except Exception as err:  # whatever answered, it is not a scheduler we can use
         detail = _one_line(err)
         if scheme == "tls" and "certificate does not match" in detail:
             raise ClusterError(
@@ -309,9 +309,10 @@ def _probe_scheduler(address: str, security: Security | None, timeout: float) ->
                 f"the server at {address} closed the connection ({detail}): if the scheduler "
                 f"speaks TLS, connect with tls:// and {_TLS_HINT}"
             ) from None
-        raise ClusterError(f"cannot connect to the scheduler at {address}: {detail}") from None
+        raise ClusterError(f"cannot connect to the scheduler at {address} ({detail}): is a "
+                           "dask scheduler listening there?") from None
     kind = reply.get("type") if isinstance(reply, dict) else None
-    if kind != "Scheduler":
+    if not (isinstance(kind, str) and kind.endswith("Scheduler")):
         what = f"a dask {kind}" if isinstance(kind, str) else "not a dask server"
         raise ClusterError(f"{address} is {what}, not a scheduler: use the scheduler's "
                            "address (port 8786 by default)")

@@ -368,3 +368,34 @@ def test_plaintext_to_a_remote_host_warns(short_timeout):
     with pytest.warns(EngineWarning, match="plaintext and unauthenticated"):
         with pytest.raises(ClusterError):
             connect("tcp://scheduler.invalid:8786")  # .invalid never resolves
+
+
+@pytest.mark.timeout(60)
+def test_server_sending_garbage_is_one_line(short_timeout):
+    """A peer whose bytes read as a 64 PiB frame: no MemoryError traceback, one line."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    conns = []
+
+    def answer():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            conn.sendall(b"\xff" * 64)  # and keep the connection open
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(ClusterError, match=f"tcp://127.0.0.1:{port}") as err:
+            connect(f"tcp://127.0.0.1:{port}")
+        assert "\n" not in str(err.value)
+    finally:
+        server.close()
+        for conn in conns:
+            conn.close()
