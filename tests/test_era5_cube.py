@@ -88,6 +88,16 @@ def test_store_dims_sizes_order_and_coordinates(store):
     assert set(store.variables) == {"z", "t", *SIZES}, "no stray variables or coords"
 
 
+def test_store_dims_are_found_by_role_under_their_own_names(store):
+    roles = cube_dims(store)
+    assert (roles.y, roles.x, roles.time, roles.vertical) == (
+        "latitude", "longitude", "time", "isobaricInhPa")
+    # by the CF attributes alone, too: names that say nothing
+    anonymous = store.rename({d: f"d{i}" for i, d in enumerate(SIZES)})
+    roles = cube_dims(anonymous)
+    assert (roles.y, roles.x, roles.time, roles.vertical) == ("d3", "d4", "d1", "d2")
+
+
 def test_store_cf_attributes(store):
     assert store.attrs["Conventions"] == "CF-1.8"
     expected = {
