@@ -6,6 +6,7 @@ client        a 2-process LocalCluster on 127.0.0.1 and its client, per module; 
               workers start without AWS_* variables (credentials come only through
               storage_options)
 thread_client an in-process cluster of 2 one-thread workers and its client, per test
+              (HTTP servers on 127.0.0.1)
 s3            moto's S3 server on 127.0.0.1 with one empty bucket, per module
 no_compute    a context manager under which any dask compute fails the test
 demo_store    a private copy of the committed demo store, per test
@@ -45,10 +46,9 @@ def client() -> Iterator:
 
 @pytest.fixture
 def thread_client() -> Iterator:
-    from distributed import Client
+    from engine.testing.clusters import thread_client
 
-    with Client(processes=False, n_workers=2, threads_per_worker=1,
-                dashboard_address=":0") as c:
+    with thread_client(2) as c:
         yield c
 
 

@@ -150,3 +150,13 @@ def test_no_compute_fixture_fails_a_compute(no_compute):
     with no_compute(), pytest.raises(AssertionError, match="computed"):
         x.compute()
     assert int(x.compute()) == 4
+
+
+def test_shared_cluster_fixtures_listen_on_loopback_only(request):
+    for name in ("thread_client", "client"):
+        client = request.getfixturevalue(name)
+        info = client.scheduler_info()
+        addresses = [info["address"], *info["workers"]]
+        assert all(a.startswith(("tcp://127.0.0.1:", "inproc://")) for a in addresses), (
+            name, addresses)
+        assert len(info["workers"]) == 2
