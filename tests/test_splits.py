@@ -119,7 +119,7 @@ def test_kernel_matches_full_computation_on_any_box():
         ({"blocks": {"lat": 0}}, SpecError, "positive integer"),
         ({"blocks": BLOCKS, "test_fraction": 1.2}, SpecError, "(0, 1)"),
         ({"blocks": BLOCKS, "test_fraction": 0.0}, SpecError, "(0, 1)"),
-        ({"blocks": {"lat": 90}, "test_fraction": 0.2}, SpecError, "test blocks"),
+        ({"blocks": {"lat": 90}, "test_fraction": 0.2}, SpecError, "1 block"),
         ({"blocks": BLOCKS, "buffer": {"lat": -1}}, SpecError, "non-negative"),
     ],
 )
@@ -364,10 +364,12 @@ def test_geo_kfold_defaults_to_the_cubes_x_dim():
 def test_block_split_test_share_in_cells_within_half_a_block(ny, nx, by, bx, f, seed, w):
     by, bx = min(by, ny), min(bx, nx)
     ds = xr.Dataset({"v": (("y", "x"), np.zeros((ny, nx)))}).chunk({"y": 7, "x": 5})
-    try:
-        split = block_split(ds, {"y": by, "x": bx}, f, seed, buffer={"x": w})
-    except SpecError:  # too few blocks for this fraction: asserted in the bad-input test
+    n_blocks = -(-ny // by) * -(-nx // bx)
+    if n_blocks < 2:
+        with pytest.raises(SpecError, match="1 block"):
+            block_split(ds, {"y": by, "x": bx}, f, seed)
         return
+    split = block_split(ds, {"y": by, "x": bx}, f, seed, buffer={"x": w})
     v = split.values
     total = ny * nx
     assert split.attrs["split_total_cells"] == total
@@ -375,8 +377,20 @@ def test_block_split_test_share_in_cells_within_half_a_block(ny, nx, by, bx, f, 
     assert split.attrs["split_train_cells"] == int((v == 1).sum())
     assert split.attrs["split_buffer_cells"] == int((v == -1).sum())
     assert split.attrs["split_test_share_cells"] == pytest.approx((v == 0).mean())
-    largest = min(by, ny) * min(bx, nx)
-    assert abs((v == 0).sum() - f * total) <= largest / 2 + 1e-9
+    largest = by * bx
+    off = abs((v == 0).sum() - f * total)
+    n_test = split.attrs["split_n_test_blocks"]
+    assert 1 <= n_test < n_blocks
+    # within half a block of the target, unless one test (or train) block is already off
+    assert off <= largest / 2 + 1e-9 or (n_test in (1, n_blocks - 1) and off <= largest)
+
+
+def test_a_small_fraction_gives_one_test_block_for_every_seed():
+    ds = xr.Dataset({"v": (("x",), np.zeros(100))})
+    for seed in range(10):
+        split = block_split(ds, {"x": 10}, 0.01, seed)
+        assert split.attrs["split_n_test_blocks"] == 1
+        assert split.attrs["split_test_cells"] == 10 == int((split.values == 0).sum())
 
 
 def test_ragged_blocks_share_in_cells_not_in_blocks():

@@ -80,12 +80,14 @@ def choose_test_blocks_by_cells(
 ) -> np.ndarray:
     """Boolean block grid whose test blocks hold the share ``fraction`` of the cells.
 
-    Blocks are taken in the order of their score (as :func:`choose_test_blocks`) and the
-    prefix whose cells come closest to ``fraction`` of all cells is the test set (ties:
-    the shorter prefix). Each block changes the running total by its cells, so the test
-    share in cells is within half of the largest block's cells of the target. When all
-    blocks have the same cells this is ``round(fraction * n_blocks)`` blocks. May return
-    no test block or no train block; the caller decides whether that is an error.
+    Blocks are taken in the order of their score (as :func:`choose_test_blocks`); of the
+    prefixes that leave at least one test and one train block, the one whose cells come
+    closest to ``fraction`` of all cells is the test set (ties: the shorter). Each block
+    moves the running total by its cells, so the test share in cells is within half of
+    the largest block's cells of the target, and within one block's cells when the
+    closest prefix would have left no test (or no train) block. When all blocks have the
+    same cells this is ``round(fraction * n_blocks)`` blocks, clipped to
+    ``[1, n_blocks - 1]``. With fewer than two blocks there is no split: all False.
 
     Examples
     --------
@@ -96,8 +98,10 @@ def choose_test_blocks_by_cells(
     cells = _cells(extents)
     grid = cells.shape
     order = _block_order(grid, seed)
-    running = np.concatenate([[0], np.cumsum(cells.reshape(-1)[order])])
-    k = int(np.argmin(np.abs(running - fraction * running[-1])))
+    if order.size < 2:
+        return np.zeros(grid, dtype=bool)
+    running = np.cumsum(cells.reshape(-1)[order])[:-1]  # prefixes of 1 .. n - 1 blocks
+    k = 1 + int(np.argmin(np.abs(running - fraction * int(cells.sum()))))
     test = np.zeros(order.size, dtype=bool)
     test[order[:k]] = True
     return test.reshape(grid)

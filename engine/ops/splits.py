@@ -101,9 +101,11 @@ def block_split(
         Dimensions left out form one block along their whole length.
     test_fraction
         Target share of the *cells* assigned to test, in (0, 1). Blocks are taken in a
-        seeded order until their cells come closest to ``test_fraction`` of all cells, so
-        the test share in cells is within half of the largest block's cells of the
-        target, also when edge blocks are ragged. Masked or missing cells are not
+        seeded order until their cells come closest to ``test_fraction`` of all cells
+        (keeping at least one test and one train block), so the test share in cells is
+        within one block's cells of the target -- within half of the largest block's
+        cells unless a single test (or train) block is already further off -- also when
+        edge blocks are ragged. Masked or missing cells are not
         known here: the share is over the cells of the grid. The achieved counts are
         in the attrs ``split_test_cells``, ``split_train_cells``, ``split_buffer_cells``,
         ``split_total_cells`` and ``split_test_share_cells`` (cells of the returned
@@ -155,13 +157,13 @@ def block_split(
 
     grid = [math.ceil(n / b) for n, b in zip(sizes, bsizes, strict=True)]
     n_blocks = int(np.prod(grid))
+    if n_blocks < 2:
+        raise SpecError(
+            f"split: the blocks {dict(zip(dims, bsizes, strict=True))} make {n_blocks} "
+            "block, which cannot hold test and train blocks; use smaller blocks"
+        )
     test_grid = choose_test_blocks_by_cells(block_extents(sizes, bsizes), f, seed)
     n_test = int(test_grid.sum())
-    if n_test < 1 or n_test >= n_blocks:
-        raise SpecError(
-            f"split: {n_blocks} blocks with test_fraction={f} gives {n_test} test blocks; "
-            "use smaller blocks or another test_fraction"
-        )
     counts = label_counts(bsizes, test_grid, widths, sizes)
     total = int(np.prod(sizes))
 
