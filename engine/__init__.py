@@ -20,6 +20,7 @@ from engine.errors import (
     StoreExistsError,
 )
 from engine.io.catalog import describe_entry, list_entries, open_cube
+from engine.io.verify import verify
 from engine.io.writer import write
 from engine.ops.patches import iter_patches
 from engine.ops.splits import block_split, geo_kfold, random_split
@@ -35,6 +36,7 @@ __all__ = [
     "iter_patches",
     "predict",
     "write",
+    "verify",
     # splits
     "block_split",
     "random_split",

@@ -83,6 +83,8 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return MASK
+    if "@" not in parts.netloc and not parts.query:
+        return url
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
@@ -122,6 +124,15 @@ def redact_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _is_secret_value(value: Any) -> bool:
+    """A scalar that may hold a secret (not None, empty, a flag or a container)."""
+    if value is None or isinstance(value, (bool, Mapping, list, tuple)):
+        return False
+    if isinstance(value, (str, bytes)):
+        return len(value) > 0
+    return not hasattr(value, "shape") or getattr(value, "size", 1) > 0
+
+
 def redact(obj: Any) -> Any:
     """A copy of a nested structure (dicts, lists, strings) safe to persist, log or hash.
 
@@ -134,8 +145,7 @@ def redact(obj: Any) -> Any:
         for key, value in obj.items():
             if str(key) in _OPTION_CONTAINERS and isinstance(value, Mapping):
                 out[key] = redact_options(value)
-            elif is_secret_key(key) and value not in (None, "", False) and \
-                    not isinstance(value, (Mapping, list, tuple, bool)):
+            elif is_secret_key(key) and _is_secret_value(value):
                 out[key] = MASK
             else:
                 out[key] = redact(value)

@@ -126,3 +126,37 @@ def test_catalog_list_and_show(capsys):
 def test_validate_ok(tmp_path, capsys):
     code, out, _ = run_cli(["validate", write_job(tmp_path)], capsys)
     assert code == 0 and out.startswith("ok:")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--n-workers", "0"], "--n-workers"),
+    (["--n-workers", "-1"], "--n-workers"),
+    (["--threads-per-worker", "0"], "--threads-per-worker"),
+    (["--memory-limit", "lots"], "--memory-limit"),
+    (["--cluster", "tls://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca"),
+])
+def test_bad_cluster_flags_exit_2_within_seconds(flags, words, tmp_path, capsys):
+    import time
+
+    job = write_job(tmp_path)
+    t0 = time.perf_counter()
+    code, _, err = run_cli(["run", job, *flags], capsys)
+    assert time.perf_counter() - t0 < 20
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and words in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_shipped_job_validates_offline(capsys):
+    """Shipped jobs on local data validate fully; jobs on remote data validate their spec
+    and catalog entry offline."""
+    import glob
+
+    for job in sorted(glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))):
+        spec = yaml.safe_load(open(job))
+        remote = "esdc" in spec["input"]["catalog"]
+        args = ["validate", job] + (["--offline"] if remote else [])
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, (job, err)
+        assert out.startswith("ok")

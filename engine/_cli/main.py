@@ -14,17 +14,9 @@ import sys
 import time
 from typing import Any
 
+from engine._cli.cluster_args import add_cluster_arguments, connect_kwargs
+
 __all__ = ["main", "build_parser"]
-
-
-def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster")
-    g.add_argument("--cluster", metavar="SPEC", default=None,
-                   help="local (default), threads, local-cuda, tcp://host:port or "
-                        "scheduler-file:PATH")
-    g.add_argument("--n-workers", type=int, default=None, help="worker processes (local clusters)")
-    g.add_argument("--threads-per-worker", type=int, default=None)
-    g.add_argument("--memory-limit", default=None, help="per worker, e.g. 4GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed machine learning on Earth-observation and climate data cubes.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # --debug is accepted after the subcommand too (``cube-engine run JOB --debug``)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job spec (jobs/*.yaml) on a cluster")
+    run = sub.add_parser("run", help="run a job spec (jobs/*.yaml) on a cluster",
+                         parents=[common])
     run.add_argument("job", help="job spec YAML, e.g. jobs/gapfill.yaml")
     run.add_argument("--output", metavar="URL", help="output store URL (overrides the spec)")
     run.add_argument("--overwrite", action="store_true",
@@ -46,26 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save dask's performance report (HTML) and the throughput summary "
                           "(PATH.json)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_cluster_args(run)
+    add_cluster_arguments(run)
 
-    val = sub.add_parser("validate", help="check a job spec, its catalog entry and variables")
+    val = sub.add_parser("validate", parents=[common],
+                         help="check a job spec, its catalog entry, variables, dims, sizes and "
+                              "destinations without starting a cluster")
     val.add_argument("job")
     val.add_argument("--output", metavar="URL")
     val.add_argument("--overwrite", action="store_true")
+    val.add_argument("--restart", action="store_true")
+    val.add_argument("--offline", action="store_true",
+                     help="check the spec and its catalog entry without opening the data "
+                          "(for jobs whose data is remote)")
 
-    cat = sub.add_parser("catalog", help="inspect Intake catalogs")
+    cat = sub.add_parser("catalog", help="inspect Intake catalogs", parents=[common])
     csub = cat.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
-    cl = csub.add_parser("list", help="list the entries of a catalog")
+    cl = csub.add_parser("list", help="list the entries of a catalog", parents=[common])
     cl.add_argument("catalog")
-    cs = csub.add_parser("show", help="dims, variables, chunks, sizes and provenance of an entry")
+    cs = csub.add_parser("show", parents=[common],
+                         help="dims, variables, chunks, sizes and provenance of an entry")
     cs.add_argument("catalog")
     cs.add_argument("entry")
     cs.add_argument("--json", action="store_true", help="print JSON")
 
-    bench = sub.add_parser("bench", help="run the benchmarks (see benchmarks/README.md)")
-    bench.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
-    bench.add_argument("--size", default="default", choices=["tiny", "default", "large"])
-    bench.add_argument("--tag", default=None, help="suffix of the results files (e.g. h100)")
+    from engine._cli import verify as _verify
+
+    _verify.add_parser(sub, parents=[common])
     return parser
 
 
@@ -104,6 +107,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     info = describe_entry(args.catalog, args.entry)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
+        sys.stdout.flush()  # a closed pipe raises here, inside main's handler
         return 0
     con.print(f"[bold]{args.entry}[/bold]  ({args.catalog})")
     for key in ("description", "url", "nbytes", "n_chunks"):
@@ -131,22 +135,26 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine.io.destination import check_destination
-    from engine.pipelines.gapfill import output_locations, prepare, spec_fingerprint
+    from engine.pipelines.gapfill import check_outputs, job_identity, output_locations, prepare
     from engine.pipelines.spec import load_job
 
     spec = load_job(args.job)
+    if getattr(args, "offline", False):
+        from engine.io.catalog import read_entry
+
+        entry = read_entry(spec.resolve(spec.input.catalog), spec.input.entry)
+        print(f"ok (offline: spec and catalog entry only, data not opened): {args.job} "
+              f"({spec.kind}) entry {spec.input.entry} at {entry.to_dict()['url']}")
+        return 0
     p = prepare(spec)
     url, run_dir = output_locations(spec, args.output)
-    from engine._version import code_version
-
-    fingerprint = {"job": spec_fingerprint(spec), "code_version": code_version(),
-                   "input": f"{spec.input.catalog}#{spec.input.entry}"}
-    check_destination(url, fingerprint=fingerprint,
-                      overwrite=args.overwrite, restart=False,
-                      storage_options=spec.output.storage_options, must_resume=False)
+    action = check_outputs(spec, p, url, run_dir, job_identity(spec, p),
+                           overwrite=args.overwrite, restart=getattr(args, "restart", False),
+                           must_resume=False)
+    y, x = p.dims.horizontal
     print(f"ok: {args.job} ({spec.kind}) target {spec.target} from {', '.join(spec.features)}; "
-          f"cube {dict(p.ds.sizes)}; output {url}")
+          f"cube {dict(p.ds.sizes)} (y={y}, x={x}); output {url} ({action}); "
+          f"run folder {run_dir}")
     return 0
 
 
@@ -159,26 +167,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.pipelines.spec import load_job
 
     con = _console()
+    cluster_kwargs = connect_kwargs(args)  # bad cluster flags: one line, before anything
     spec = load_job(args.job)
     # Validate everything that can be validated without a cluster first: nothing is
     # written and no cluster starts for a bad spec.
-    cmd_validate_ns = argparse.Namespace(job=args.job, output=args.output,
-                                         overwrite=args.overwrite or args.restart)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
-        cmd_validate(cmd_validate_ns)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        cmd_validate(argparse.Namespace(job=args.job, output=args.output,
+                                        overwrite=args.overwrite, restart=args.restart))
     t0 = time.perf_counter()
-    client = connect(args.cluster, n_workers=args.n_workers,
-                     threads_per_worker=args.threads_per_worker, memory_limit=args.memory_limit)
+    client = connect(**cluster_kwargs)
     with client:
         info = cluster_summary(client)
         con.print(f"cluster: {info['n_workers']} workers, {info['threads']} threads"
                   + (f", {info['gpus']} GPUs" if info["gpus"] else "")
+                  + (" (TLS)" if info.get("tls") else "")
                   + f"; dashboard: {info['dashboard'] or 'off'}")
         report_cm = contextlib.nullcontext()
         if args.report:
             from distributed import performance_report
 
-            report_cm = performance_report(filename=args.report)
+            # inline bokeh resources: the report renders without internet
+            report_cm = performance_report(filename=args.report, mode="inline")
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                             console=con, disable=args.quiet, transient=False)
@@ -211,25 +220,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     con.print(t)
     tp = res.throughput
     w = res.write
+    wall = time.perf_counter() - t0
     summary = {
         "output": res.output_url,
         "run_dir": res.run_dir,
         "files": res.files,
         "cells_filled": m["cells_filled"],
-        "regions_written": getattr(w, "n_written", None),
-        "regions_skipped": getattr(w, "n_skipped", None),
-        "wall_s": time.perf_counter() - t0,
+        "cells_out_of_range": m["cells_out_of_range"],
+        "regions_written": w.n_written,
+        "regions_skipped": w.n_skipped,
+        "trained": res.trained,
+        "wall_s": wall,
         "cluster": info,
         **tp,
     }
-    con.print(f"output: {res.output_url}  (regions written {summary['regions_written']}, "
-              f"skipped {summary['regions_skipped']})")
-    con.print(f"metrics: {res.files['metrics']}  maps: {res.files['map_plot']}  "
-              f"loss: {res.files['loss_plot']}")
-    con.print(f"throughput: train {tp.get('train_samples_per_s') or 0:,.0f} samples/s; "
-              f"write {tp.get('output_pixels_per_s') or 0:,.0f} output px/s, "
-              f"{tp.get('mb_per_s_written') or 0:.1f} MB/s; total {summary['wall_s']:.1f} s")
-    if not args.quiet and tp.get("phases"):
+    con.print(f"output: {res.output_url}  (regions written {w.n_written}, "
+              f"skipped {w.n_skipped}); filled {m['cells_filled']:,} cells, "
+              f"{m['cells_out_of_range']:,} predictions outside the training range not filled")
+    con.print(f"run folder: {res.run_dir}  (metrics.json, map.png, loss.png, best.pt)")
+    rates = []
+    if res.trained and tp.get("train_samples_per_s"):
+        rates.append(f"train {tp['train_samples_per_s']:,.0f} samples/s")
+    if w.n_written and tp.get("output_pixels_per_s"):
+        rates.append(f"write {tp['output_pixels_per_s']:,.0f} output px/s, "
+                     f"{tp.get('mb_per_s_written') or 0:.1f} MB/s")
+    if not rates:
+        rates.append("nothing new to compute (resumed: model reused, every region finished)")
+    con.print(f"throughput: {'; '.join(rates)}; total {wall:.1f} s")
+    if not args.quiet and tp.get("phases") and (res.trained or w.n_written):
         con.print(throughput_table(tp["phases"]))
     if args.report:
         with open(args.report + ".json", "w") as f:
@@ -269,50 +287,42 @@ def throughput_table(phases: dict[str, Any]) -> Any:
     return t
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import sys
-
-    from engine.errors import EngineError
-
-    # the benchmarks live in the checkout, next to engine/, not in the installed package
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for where in (os.getcwd(), root):
-        if os.path.isfile(os.path.join(where, "benchmarks", "__main__.py")):
-            if where not in sys.path:
-                sys.path.insert(0, where)
-            break
-    else:
-        raise EngineError("benchmarks are run from a checkout: cd to the repository root")
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main([*args.names, "--size", args.size]
-                      + (["--tag", args.tag] if args.tag else []))
-
-
 def main(argv: list[str] | None = None) -> int:
     from engine.errors import EngineError
+    from engine.redact import redact_text
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {"run": cmd_run, "validate": cmd_validate, "catalog": cmd_catalog,
+                "verify": _run_verify}
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "validate":
-            return cmd_validate(args)
-        if args.command == "catalog":
-            return cmd_catalog(args)
-        if args.command == "bench":
-            return cmd_bench(args)
+        return commands[args.command](args)
     except EngineError as err:
         if args.debug:
             raise
-        print(f"cube-engine: error: {err}", file=sys.stderr)
+        print(f"cube-engine: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print("cube-engine: error: out of memory: use smaller chunks (input.chunks), a "
+              "smaller batch size or more workers", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (``| head``): stop quietly, like other command-line tools
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("cube-engine: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command}")
-    return 2
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from engine._cli import verify
+
+    return verify.run(args)
 
 
 if __name__ == "__main__":
