@@ -326,7 +326,7 @@ class GridPadding(NamedTuple):
 
     before: int
     after: int
-    count: int
+    windows: int
 
 
 def grid_padding(length: int, size: int, stride: int) -> GridPadding:
@@ -336,18 +336,18 @@ def grid_padding(length: int, size: int, stride: int) -> GridPadding:
     grid reaches at least ``size - stride`` past each edge. The fewest windows that do so
     are taken, the total padding is split equally (one pixel more after when it is odd),
     and the windows start at ``-before + i * stride`` in array coordinates; they tile the
-    padded axis of ``before + length + after = (count - 1) * stride + size`` exactly.
+    padded axis of ``before + length + after = (windows - 1) * stride + size`` exactly.
     With an even total the grid is symmetric: flipping the axis maps windows onto windows.
     The plan depends only on ``(length, size, stride)``, never on the chunking.
 
     Examples
     --------
     >>> grid_padding(64, 32, 16)
-    GridPadding(before=16, after=16, count=5)
+    GridPadding(before=16, after=16, windows=5)
     >>> grid_padding(90, 32, 16)
-    GridPadding(before=19, after=19, count=7)
+    GridPadding(before=19, after=19, windows=7)
     >>> grid_padding(10, 4, 4)
-    GridPadding(before=1, after=1, count=3)
+    GridPadding(before=1, after=1, windows=3)
     """
     if size < 1 or stride < 1 or stride > size:
         raise ValueError(f"window size {size} and stride {stride}: need 1 <= stride <= size")

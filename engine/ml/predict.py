@@ -711,8 +711,8 @@ def predict(
         params = {"tile": size, "stride": stride, "batch_size": bs, "blend": blend,
                   "bounds": bounds, "real": real, **common}
         token = dask.base.tokenize("tiles", [x.name for x in ext], [x.name for x in xs],
-                                   in_chunks, payload.digest, str(boundary), type(boundary).__name__,
-                                   sorted(params.items()))
+                                   in_chunks, payload.digest, str(boundary),
+                                   type(boundary).__name__, sorted(params.items()))
         with annotate:
             y = da.map_blocks(_predict_tiles, *ext, payload_key, new_axis=k0, chunks=chunks,
                               dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
