@@ -46,12 +46,14 @@ def store() -> xr.Dataset:
 
 
 @pytest.fixture(scope="module")
-def sdist(request) -> str:
+def sdist(request, tmp_path_factory) -> str:
     """cfgrib's sdist: from the environment, pytest's cache, or pip download (else skip)."""
     given = os.environ.get("CUBE_ENGINE_CFGRIB_SDIST")
     if given:
         return given
-    cache = str(request.config.cache.mkdir("cfgrib-sdist"))
+    cache_plugin = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    cache = str(cache_plugin.mkdir("cfgrib-sdist") if cache_plugin is not None
+                else tmp_path_factory.mktemp("cfgrib-sdist"))
     found = glob.glob(os.path.join(cache, f"cfgrib-{CFGRIB}.tar.gz"))
     if not found:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
