@@ -160,3 +160,17 @@ def test_shared_cluster_fixtures_listen_on_loopback_only(request):
         assert all(a.startswith(("tcp://127.0.0.1:", "inproc://")) for a in addresses), (
             name, addresses)
         assert len(info["workers"]) == 2
+
+
+def _distributed_log_level() -> int:
+    import logging
+
+    return logging.getLogger("distributed.worker").getEffectiveLevel()
+
+
+def test_distributed_logs_warnings_only_in_tests_and_workers(client):
+    """No INFO lines from clusters, also not those closing after pytest's summary."""
+    import logging
+
+    assert _distributed_log_level() == logging.WARNING
+    assert set(client.run(_distributed_log_level).values()) == {logging.WARNING}
