@@ -111,6 +111,19 @@ def test_gaussian_blend_matches_the_numpy_reference(tile, overlap, boundary):
     np.testing.assert_allclose(out.values, ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("slab,batch", [(1, 1), (1, 5), (40, 3)])
+def test_blocks_cut_in_slabs_of_window_rows_match_the_reference(monkeypatch, slab, batch):
+    import engine.ml.predict as mod
+
+    monkeypatch.setattr(mod, "_SLAB_WINDOWS", slab)  # many slabs per block, ragged batches
+    arr = _cube((2, 2, 37, 30), (2, 2, (37,), (11, 19)), seed=11)
+    model = _RampConv(seed=2)
+    out = predict(arr, model, tile={"y": 12, "x": 10}, overlap=0.5, out_channels=2,
+                  batch_size=batch).values
+    ref = _reference(arr.values, model, (12, 10), (6, 5), "gaussian", "reflect")
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
+
+
 def test_gaussian_and_mean_blends_differ_and_each_matches_its_reference():
     arr = _cube((1, 2, 40, 33), (1, 2, (16, 24), (33,)), seed=3)
     model = _RampConv(seed=5)

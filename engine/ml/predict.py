@@ -35,6 +35,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import math
 import os
 import sys
@@ -77,6 +78,7 @@ __all__ = [
 #: Name of the output channel dim when ``out_channels > 1``.
 CHANNEL_DIM = "channel"
 _CHANNEL_NAMES = ("variable", "channel", "band", "feature")
+_SLAB_WINDOWS = 1024  # windows cut, predicted and blended at once inside a block
 _DEFAULT_TILE: Mapping[str, int] = {"lat": 64, "lon": 64}
 _PRECISIONS = {"auto": "auto", "fp32": None, "float32": None, "bf16": torch.bfloat16,
                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -411,32 +413,41 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
     weights = gaussian_weights(tile) if blend == "gaussian" else None
     if weights is not None and xp is not np:
         weights = xp.asarray(weights)
-    # every weighted window of the block, then one strided add per grid offset class;
-    # holds ceil(T/S)**k times the output block (4x at 50 % overlap in 2-D)
-    preds = xp.empty((total, out_channels, *tile), xp.float32)
+    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
+    # Slabs of whole window rows along the first tile axis: the slab's windows are cut
+    # (one copy), run in batches, weighted, and added with one strided add per grid
+    # offset class (overlap_add). Python loops over slabs and batches, never over windows;
+    # memory holds one slab's windows, not the block's.
+    rest = math.prod(counts[1:])
+    rows = max(1, min(counts[0], -(-max(batch_size, _SLAB_WINDOWS) // max(rest, 1))))
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
     with block_lock, torch.inference_mode():
-        for b0 in range(0, total, batch_size):
-            flat = np.arange(b0, min(total, b0 + batch_size))
-            idx = np.unravel_index(flat, (m_count, *counts))
-            batch = win[(idx[0], slice(None), *idx[1:])]  # (B, C, *tile), one copy
-            with step_lock, _autocast(dev, precision):
-                out = _forward(model, batch, dev, xp)
-            if out.ndim == k + 1 and out_channels == 1:
-                out = out[:, None]
-            if out.shape != (len(flat), out_channels, *tile):
-                raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
-                                   f"{tuple(batch.shape)}; expected (batch, {out_channels}, "
-                                   f"*{tile}): check out_channels= and the model")
-            if weights is not None:
-                out *= weights
-            preds[b0:b0 + len(flat)] = out
-    # (M*prod(counts), O, *tile) -> (M, O, *counts, *tile): no Python loop over windows
-    preds = xp.moveaxis(preds.reshape(m_count, *counts, out_channels, *tile), 1 + k, 1)
-    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
-    overlap_add(acc, preds, stride)
+        for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
+            r = min(rows, counts[0] - i0)
+            # (C, r, *rest_counts, *tile) view -> (r, *rest_counts, C, *tile), one copy
+            cut = xp.empty((r, *counts[1:], len(blocks), *tile), xp.float32)
+            cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
+            cut = cut.reshape(r * rest, len(blocks), *tile)
+            preds = xp.empty((r * rest, out_channels, *tile), xp.float32)
+            for b0 in range(0, r * rest, batch_size):
+                batch = cut[b0:b0 + batch_size]
+                with step_lock, _autocast(dev, precision):
+                    out = _forward(model, batch, dev, xp)
+                if out.ndim == k + 1 and out_channels == 1:
+                    out = out[:, None]
+                if out.shape != (len(batch), out_channels, *tile):
+                    raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
+                                       f"{tuple(batch.shape)}; expected (batch, "
+                                       f"{out_channels}, *{tile}): check out_channels= and "
+                                       "the model")
+                if weights is not None:
+                    out *= weights
+                preds[b0:b0 + len(batch)] = out
+            # (r*rest, O, *tile) -> (O, r, *rest_counts, *tile), added at row i0
+            preds = xp.moveaxis(preds.reshape(r, *counts[1:], out_channels, *tile), k, 0)
+            overlap_add(acc[m, :, i0 * stride[0]:], preds, stride)
     wsum = _block_weight_sum(ext, tile, stride, blend)
     acc /= wsum if xp is np else xp.asarray(wsum)
     pixels = m_count
