@@ -276,6 +276,17 @@ def test_keys_are_deterministic_and_name_every_input():
         predict(ds, pa_model, tile=None).data.name
 
 
+@pytest.mark.parametrize("chunks", [{"time": 1, "lat": 40, "lon": 25},
+                                    {"time": 2, "lat": 33, "lon": 17}, {"lat": 89, "lon": 3}])
+def test_prediction_has_the_input_chunking_and_merges_with_it(chunks):
+    ds = synthetic_cube(SHAPE, chunks=chunks)
+    for out_channels in (1, 2):
+        out = predict(ds, _net(5, out_channels), tile=TILE, out_channels=out_channels)
+        assert {d: out.chunksizes[d] for d in ds.dims} == dict(ds.chunksizes)
+        merged = ds.assign(pred=out)  # one chunking per dim, or .chunks raises
+        assert {d: merged.chunks[d] for d in ds.dims} == dict(ds.chunks)
+
+
 def test_meter_counts_real_pixels_once_not_the_padding():
     from engine.meter import Meter
 
