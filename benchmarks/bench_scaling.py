@@ -208,7 +208,7 @@ def _gpu(cfg: dict, input_path: str, root: str, counts: dict[str, float]) -> dic
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        return {"skipped": "dask_cuda is not installed: pip install 'cube-engine[gpu]'"}
+        return {"skipped": "dask_cuda is not installed: pip install 'cube-engine[gpu-cuda12]' (or [gpu-cuda13] for CUDA 13)"}
     from distributed import Client
 
     from engine.ml.predict import predict

@@ -4,7 +4,7 @@ Specs
 -----
 ``local``              LocalCluster with worker processes (the default)
 ``threads``            LocalCluster with one process and threads (debugging, small data)
-``local-cuda``         dask-cuda LocalCUDACluster, one worker per GPU (``gpu`` extra)
+``local-cuda``         dask-cuda LocalCUDACluster, one worker per GPU (``gpu-cuda12``/``gpu-cuda13`` extra)
 ``tls://host:port``    an existing scheduler that speaks TLS (Kubernetes, HPC)
 ``tcp://host:port``    an existing plaintext scheduler (only on a trusted network)
 ``scheduler-file:P``   an existing scheduler described by a scheduler file (HPC)
@@ -519,7 +519,8 @@ def connect(
         except ImportError:
             raise MissingExtraError(
                 "cluster 'local-cuda' needs dask-cuda: install it with "
-                "pip install 'cube-engine[gpu]'"
+                "pip install 'cube-engine[gpu-cuda12]' (CUDA 12 drivers) or "
+                "'cube-engine[gpu-cuda13]' (CUDA 13), or make install-gpu CUDA=12|13"
             ) from None
         try:
             cluster = LocalCUDACluster(**kwargs)

@@ -145,9 +145,9 @@ def cube_dims(obj: Any, dims: Mapping[str, str | None] | None = None) -> CubeDim
     for d in all_dims:
         if d in taken:
             continue
-        role = _role(obj, d)
-        if role is not None:
-            found[role].append(d)
+        found_role = _role(obj, d)
+        if found_role is not None:
+            found[found_role].append(d)
     out: dict[str, str | None] = {}
     for role, key in (("y", "y"), ("x", "x"), ("time", "time"), ("z", "vertical")):
         if key in given:
@@ -170,6 +170,8 @@ _ROLE_OF_ALIAS = {
     "lat": "y", "latitude": "y", "y": "y",
     "lon": "x", "longitude": "x", "x": "x",
     "time": "time", "t": "time",
+    "level": "vertical", "lev": "vertical", "depth": "vertical", "z": "vertical",
+    "height": "vertical", "plev": "vertical", "vertical": "vertical",
 }
 
 

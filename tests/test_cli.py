@@ -52,7 +52,8 @@ def _free_port():
 BAD = {
     "unknown key": (_set(("train", "epoch"), 3), "train.epoch"),
     "wrong type": (_set(("train", "epochs"), "ten"), "train.epochs must be an integer"),
-    "missing catalog": (_set(("input", "catalog"), "/nonexistent/catalog.yaml"), "/nonexistent/catalog.yaml"),
+    "missing catalog": (_set(("input", "catalog"), "/nonexistent/catalog.yaml"),
+                        "/nonexistent/catalog.yaml"),
     "unknown entry": (_set(("input", "entry"), "coads_climatolgy"), "coads_climatolgy"),
     "variable not in cube": (_set(("features",), ["AIRT", "PRECIP"]), "PRECIP"),
     "dimension not in cube": (_set(("split", "blocks"), {"depth": 2, "lat": 10}), "depth"),

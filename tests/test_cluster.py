@@ -56,7 +56,7 @@ def test_local_cuda_without_gpu_names_the_extra():
     try:
         import dask_cuda  # noqa: F401
     except ImportError:
-        with pytest.raises(MissingExtraError, match=r"cube-engine\[gpu\]"):
+        with pytest.raises(MissingExtraError, match=r"cube-engine\[gpu-cuda12\]"):
             connect("local-cuda")
     else:  # pragma: no cover - only on GPU machines with the extra
         pytest.skip("dask-cuda installed")

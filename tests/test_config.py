@@ -40,6 +40,7 @@ def test_keyword_wins_and_dask_config_overrides():
 
 def test_environment_variable_override():
     env = dict(os.environ, DASK_ENGINE__CLUSTER__N_WORKERS="3")
-    out = subprocess.run([sys.executable, "-c", "import engine.config as c; print(c.get('cluster.n-workers'))"],
+    code = "import engine.config as c; print(c.get('cluster.n-workers'))"
+    out = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "3"

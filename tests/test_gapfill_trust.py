@@ -273,3 +273,37 @@ def test_provenance_never_holds_credentials():
     # rotating a secret does not change the resume identity
     data["output"]["storage_options"]["secret"] = "rotated"
     assert spec_fingerprint(parse_spec(data)) == spec_fingerprint(spec)
+
+
+def test_gapfill_on_the_second_real_cube(tmp_path, capsys):
+    """The shipped ERA5 job (dims number, time, isobaricInhPa, latitude, longitude) runs end
+    to end: a level dim and a member dim, coordinates as features, maps on lat/lon."""
+    data = yaml.safe_load(open(os.path.join(ROOT, "jobs", "gapfill-era5.yaml")))
+    data["input"]["catalog"] = os.path.join(ROOT, "catalogs", "era5.yaml")
+    data["output"]["url"] = str(tmp_path / "era5" / "filled.zarr")
+    data["train"].update(epochs=4, patience=2)
+    job = tmp_path / "era5.yaml"
+    job.write_text(yaml.safe_dump(data))
+    code, out, err = cli(["run", str(job), "--cluster", "threads", "--quiet"], capsys)
+    assert code == 0, err
+    ds = xr.open_zarr(tmp_path / "era5" / "filled.zarr")
+    assert {"number", "isobaricInhPa"} <= set(ds.t_filled.dims)
+    m = json.load(open(tmp_path / "era5" / "filled.run" / "metrics.json"))
+    t = m["test"]
+    assert t["model"]["rmse"] < t["train_mean"]["rmse"] / 2
+    assert m["cells_filled"] == 0  # the sample has no gaps: nothing is invented
+    np.testing.assert_array_equal(ds.t_filled.values, ds.t.values)
+    assert (tmp_path / "era5" / "filled.run" / "map.png").stat().st_size > 0
+
+
+def test_corrupt_checkpoint_is_one_line(cube, tmp_path, capsys):
+    _, cat = cube
+    out = tmp_path / "out" / "c.zarr"
+    job = make_job(tmp_path, cat, out)
+    assert cli(["run", job, "--cluster", "threads", "--quiet"], capsys)[0] == 0
+    ckpt = tmp_path / "out" / "c.run" / "best.pt"
+    ckpt.write_bytes(b"not a checkpoint" * 10)
+    code, _, err = cli(["run", job, "--cluster", "threads", "--quiet"], capsys)
+    assert code == 2 and "--restart" in one_line(err) and "best.pt" in err
+    code, _, _ = cli(["run", job, "--cluster", "threads", "--quiet", "--restart"], capsys)
+    assert code == 0 and ckpt.stat().st_size > 200

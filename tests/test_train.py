@@ -10,7 +10,8 @@ from engine.ml.samples import PixelSamples
 from engine.ml.train import model_hash, plot_loss, train_model
 
 
-def linear_cube(seed=0, chunks={"time": 2, "lat": 10, "lon": 10}):
+def linear_cube(seed=0, chunks=None):
+    chunks = chunks or {"time": 2, "lat": 10, "lon": 10}
     rng = np.random.default_rng(seed)
     a = rng.normal(10, 5, (6, 30, 40)).astype("f4")
     b = rng.normal(0, 1, (6, 30, 40)).astype("f4")
@@ -111,7 +112,9 @@ def test_training_reduces_loss_and_recovers_linear_fit(tmp_path):
     fresh = build_regressor("linear", 2)
     fresh.load_state_dict(state)
     assert model_hash(fresh) == model_hash(model)
-    assert plot_loss(res.history, str(tmp_path / "loss.png"))
+    png = tmp_path / "loss.png"
+    plot_loss(res.history, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
 
 
 def test_early_stopping_stops():

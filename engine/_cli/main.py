@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + (f", {info['gpus']} GPUs" if info["gpus"] else "")
                   + (" (TLS)" if info.get("tls") else "")
                   + f"; dashboard: {info['dashboard'] or 'off'}")
-        report_cm = contextlib.nullcontext()
+        report_cm: Any = contextlib.nullcontext()
         if args.report:
             from distributed import performance_report
 

@@ -23,6 +23,11 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 class Standardized(nn.Module):
     """``y = core((x - mean_x) / std_x) * std_y + mean_y`` with the statistics as buffers."""
 
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
     def __init__(self, core: nn.Module, n_features: int) -> None:
         super().__init__()
         self.core = core

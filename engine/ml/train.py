@@ -153,3 +153,24 @@ def plot_loss(history: list[dict[str, float]], path: str, title: str = "") -> st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a state_dict checkpoint (tensors only, ``weights_only=True``) into ``model``.
+
+    A truncated, foreign or mismatched file is one line (:class:`StoreError`) that says how
+    to recover, never a traceback.
+    """
+    from engine.errors import StoreError
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+    except Exception as err:
+        raise StoreError(f"checkpoint {path} cannot be loaded ({type(err).__name__}); delete "
+                         "it or pass --restart to retrain") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's generators (model initialisation, dropout) for a reproducible run."""
+    torch.manual_seed(seed)

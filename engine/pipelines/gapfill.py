@@ -151,7 +151,7 @@ def prepare(spec: GapFillSpec, chunks: dict[str, int] | None = None) -> Prepared
         extra = [d for d in ds[name].dims if d not in target.dims]
         if extra:
             raise CubeError(f"variable {name!r} has dims {extra} that the target "
-                            f"{spec.target!r} does not have ({', '.join(target.dims)})")
+                            f"{spec.target!r} does not have ({', '.join(map(str, target.dims))})")
     tdim = _map_dim(dims, target)
     if tdim is not None and not spec.output.plot_time < ds.sizes[tdim]:
         raise SpecError(f"output.plot_time must be in [0, {ds.sizes[tdim]}) ({tdim} has "
@@ -280,7 +280,7 @@ def _provenance(spec: GapFillSpec, p: Prepared, identity: dict[str, str], mhash:
                 split_attrs: dict[str, Any]) -> dict[str, Any]:
     """Global attributes: CF (Conventions, history, date_created, the input's licence) and
     the engine's provenance; JSON values as JSON, credentials redacted."""
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
     history = f"{now}: cube-engine {code_version()} gap filling, job {spec.name}"
     if p.ds.attrs.get("history"):
         history = f"{p.ds.attrs['history']}\n{history}"
@@ -376,13 +376,11 @@ def run_gapfill(
     log: Callable[[str], None] = lambda s: None,
 ) -> GapFillResult:
     """Run the whole job; every input is validated before anything is written."""
-    import torch
-
     from engine.io.writer import write
     from engine.meter import Meter
     from engine.ml.models import build_regressor
     from engine.ml.predict import predict
-    from engine.ml.train import model_hash, plot_loss
+    from engine.ml.train import load_checkpoint, model_hash, plot_loss, seed_everything
 
     t_start = time.perf_counter()
     p = prepare(spec)
@@ -405,7 +403,7 @@ def run_gapfill(
     log(f"training samples: {stats.n:,} (train blocks only, inside the mask, no NaN)")
 
     # 2. the model: reused when trained by this job on these inputs, else trained now
-    torch.manual_seed(spec.seed)
+    seed_everything(spec.seed)
     model = build_regressor(spec.model.kind, len(p.features), spec.model.hidden,
                             spec.model.activation)
     model.set_statistics([stats.mean[f] for f in p.features],
@@ -416,7 +414,7 @@ def run_gapfill(
     streams: list = []
     if info is not None:
         log(f"resuming: reusing the trained model in {files['checkpoint']}")
-        _load_checkpoint(model, files["checkpoint"])
+        load_checkpoint(model, files["checkpoint"])
         trained = False
     else:
         info, streams = _train(spec, p, model, files, identity, stats, tracker, on_epoch,
@@ -426,7 +424,8 @@ def run_gapfill(
         trained = True
     model.eval()
     mhash = model_hash(model)
-    lo, hi = fill_range(*info["target_range"], spec.output.fill_margin)
+    lo, hi = fill_range(info["target_range"][0], info["target_range"][1],
+                        spec.output.fill_margin)
 
     # 3. blockwise prediction over the whole cube, written through the resumable writer
     meter.begin("predict+write")
@@ -456,17 +455,6 @@ def run_gapfill(
         tracker.finish(metrics, files)
     return GapFillResult(output_url=url, run_dir=run_dir, metrics=metrics, files=files,
                          throughput=metrics["throughput"], write=wres, trained=trained)
-
-
-def _load_checkpoint(model, path: str) -> None:
-    import torch
-
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        model.load_state_dict(state)
-    except Exception as err:  # a truncated or foreign file: one line, not a traceback
-        raise StoreError(f"checkpoint {path} cannot be loaded ({type(err).__name__}); delete "
-                         "it or pass --restart to retrain") from None
 
 
 def _train(spec: GapFillSpec, p: Prepared, model, files: dict[str, str],
@@ -599,7 +587,7 @@ def plot_maps(ds: xr.Dataset, spec: GapFillSpec, path: str, dims: CubeDims | Non
     dims = dims or cube_dims(var, spec.input.dims)
     y, x = dims.horizontal
     mdim = _map_dim(dims, var)
-    sel: dict[str, int] = {d: 0 for d in var.dims if d not in (y, x) and d != mdim}
+    sel: dict[str, int] = {str(d): 0 for d in var.dims if d not in (y, x) and d != mdim}
     if mdim is not None:
         sel[mdim] = spec.output.plot_time
     before = var.isel(sel).transpose(y, x).compute()
@@ -618,7 +606,7 @@ def plot_maps(ds: xr.Dataset, spec: GapFillSpec, path: str, dims: CubeDims | Non
     label = ""
     if mdim is not None and mdim in before.coords:
         label = f"{mdim}={str(before[mdim].values)[:10]}"
-    im = None
+    im: Any = None
     for ax, arr, title in ((axes[0], obs, "observed"),
                            (axes[1], shown, "gaps filled (+ rejected predictions)")):
         im = ax.pcolormesh(xs, ys, arr, vmin=vmin, vmax=vmax, cmap=cmap, shading="auto")

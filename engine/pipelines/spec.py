@@ -165,7 +165,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         raise errors[0]
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SpecError(f"{where} must be a mapping, got {value!r}")
         return _build(tp, value, where)
