@@ -156,6 +156,13 @@ def test_torchscript_file_and_state_dict_inputs(tmp_path):
     with pytest.raises(SpecError, match="allow_torchscript"):
         serialize_model(str(ts))
     got = predict(ds, str(ts), tile=TILE, allow_torchscript=True)
+    payload = serialize_model(str(ts), allow_torchscript=True)  # a payload from a file
+    with pytest.raises(SpecError, match="allow_torchscript"):  # needs the opt-in again
+        predict(ds, payload, tile=TILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(net)  # an object already in this process: no file read
+    np.testing.assert_allclose(predict(ds, scripted, tile=TILE).values, ref, atol=1e-5)
     assert got.attrs["engine_model_format"] == "torchscript"
     np.testing.assert_allclose(got.values, ref, atol=1e-5)
 
