@@ -167,7 +167,7 @@ def test_grid_padding_refuses_gaps_and_empty_axes():
         grid_padding(0, 4, 2)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.integers(1, 12), st.integers(0, 40), st.integers(0, 40),
        st.sampled_from(["reflect", "nearest", "constant", 2.5]))
 def test_pad_array_is_numpy_pad_even_past_the_axis_length(n, before, after, boundary):
