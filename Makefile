@@ -20,7 +20,7 @@ TORCH_CUDA12 ?= cu128
 TORCH_CUDA13 ?= cu130
 TORCH_CUDA_INDEX = https://download.pytorch.org/whl/$(TORCH_CUDA$(CUDA))
 
-.PHONY: install install-test install-torch-cpu install-gpu demo test house bench clean
+.PHONY: install install-test install-torch-cpu install-gpu demo test house mutate bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,11 @@ house:
 	echo "== mypy engine"; $(BIN)/mypy engine || status=1; \
 	echo "== doctests"; $(BIN)/python -m pytest --doctest-modules engine -q || status=1; \
 	exit $$status
+
+# mutation audit of the core modules (engine/testing/mutate.py): plausible one-line bugs
+# the suite must catch; prints the score, exits 1 when a mutant survives
+mutate: install-test
+	$(BIN)/python -m engine.testing.mutate
 
 bench: install-test
 	$(BIN)/python -m benchmarks
