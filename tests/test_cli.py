@@ -24,12 +24,6 @@ def write_job(tmp_path, mutate=None, name="job.yaml"):
     return str(p)
 
 
-def run_cli(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _set(path, value):
     def f(d):
         cur = d
@@ -63,10 +57,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, run_cli):
     mutate, words = BAD[case]
     job = write_job(tmp_path, mutate)
-    code, out, err = run_cli(["run", job, "--cluster", "threads"], capsys)
+    code, out, err = run_cli(["run", job, "--cluster", "threads"])
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
@@ -74,30 +68,30 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, caps
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
     # validate says the same
-    code, _, err2 = run_cli(["validate", job], capsys)
+    code, _, err2 = run_cli(["validate", job])
     assert code == 2 and words in err2
 
 
-def test_missing_job_file(tmp_path, capsys):
-    code, _, err = run_cli(["run", str(tmp_path / "none.yaml")], capsys)
+def test_missing_job_file(tmp_path, run_cli):
+    code, _, err = run_cli(["run", str(tmp_path / "none.yaml")])
     assert code == 2 and "job file not found" in err
 
 
-def test_unreachable_scheduler(tmp_path, capsys):
+def test_unreachable_scheduler(tmp_path, run_cli):
     job = write_job(tmp_path)
     port = _free_port()
-    code, _, err = run_cli(["run", job, "--cluster", f"tcp://127.0.0.1:{port}"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", f"tcp://127.0.0.1:{port}"])
     assert code == 2
     assert f"127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_foreign_store_is_refused_and_untouched(tmp_path, capsys):
+def test_existing_foreign_store_is_refused_and_untouched(tmp_path, run_cli):
     job = write_job(tmp_path)
     store = tmp_path / "out" / "filled.zarr"
     store.mkdir(parents=True)
     (store / "precious.txt").write_text("do not delete")
-    code, _, err = run_cli(["run", job, "--cluster", "threads"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", "threads"])
     assert code == 2
     assert "--overwrite" in err
     assert (store / "precious.txt").read_text() == "do not delete"
@@ -112,20 +106,20 @@ def test_debug_shows_traceback(tmp_path):
         main(["--debug", "validate", job])
 
 
-def test_catalog_list_and_show(capsys):
+def test_catalog_list_and_show(run_cli):
     cat = os.path.join(ROOT, "catalogs", "demo.yaml")
-    code, out, _ = run_cli(["catalog", "list", cat], capsys)
+    code, out, _ = run_cli(["catalog", "list", cat])
     assert code == 0 and "coads_climatology" in out
-    code, out, _ = run_cli(["catalog", "show", cat, "coads_climatology"], capsys)
+    code, out, _ = run_cli(["catalog", "show", cat, "coads_climatology"])
     assert code == 0
     for words in ("SST", "AIRT", "lat", "chunks"):
         assert words in out
-    code, _, err = run_cli(["catalog", "show", cat, "nope"], capsys)
+    code, _, err = run_cli(["catalog", "show", cat, "nope"])
     assert code == 2 and "nope" in err
 
 
-def test_validate_ok(tmp_path, capsys):
-    code, out, _ = run_cli(["validate", write_job(tmp_path)], capsys)
+def test_validate_ok(tmp_path, run_cli):
+    code, out, _ = run_cli(["validate", write_job(tmp_path)])
     assert code == 0 and out.startswith("ok:")
 
 
@@ -136,12 +130,12 @@ def test_validate_ok(tmp_path, capsys):
     (["--memory-limit", "lots"], "--memory-limit"),
     (["--cluster", "tls://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "--tls-ca"),
 ])
-def test_bad_cluster_flags_exit_2_within_seconds(flags, words, tmp_path, capsys):
+def test_bad_cluster_flags_exit_2_within_seconds(flags, words, tmp_path, run_cli):
     import time
 
     job = write_job(tmp_path)
     t0 = time.perf_counter()
-    code, _, err = run_cli(["run", job, *flags], capsys)
+    code, _, err = run_cli(["run", job, *flags])
     assert time.perf_counter() - t0 < 20
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -149,7 +143,7 @@ def test_bad_cluster_flags_exit_2_within_seconds(flags, words, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_every_shipped_job_validates_offline(capsys):
+def test_every_shipped_job_validates_offline(run_cli):
     """Shipped jobs on local data validate fully; jobs on remote data validate their spec
     and catalog entry offline."""
     import glob
@@ -158,6 +152,6 @@ def test_every_shipped_job_validates_offline(capsys):
         spec = yaml.safe_load(open(job))
         remote = "esdc" in spec["input"]["catalog"]
         args = ["validate", job] + (["--offline"] if remote else [])
-        code, out, err = run_cli(args, capsys)
+        code, out, err = run_cli(args)
         assert code == 0, (job, err)
         assert out.startswith("ok")

@@ -4,7 +4,6 @@ runs on cubes whose dims are not lat/lon. Fast linear runs on a copy of the demo
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -71,16 +70,8 @@ def make_job(tmp_path, catalog, out, name="job.yaml", **changes):
 
 
 @pytest.fixture
-def cube(tmp_path):
-    store = tmp_path / "input" / "coads.zarr"
-    shutil.copytree(DEMO, store)
-    return str(store), make_catalog(tmp_path, store)
-
-
-def cli(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def cube(tmp_path, demo_store):
+    return demo_store, make_catalog(tmp_path, demo_store)
 
 
 def one_line(err):
@@ -100,42 +91,42 @@ def _garble_values(store, var="AIRT"):
     new.to_zarr(store, mode="r+", region="auto")
 
 
-def test_changed_input_values_are_refused_then_restart_recomputes(cube, tmp_path, capsys):
+def test_changed_input_values_are_refused_then_restart_recomputes(cube, tmp_path, run_cli):
     store, cat = cube
     out = tmp_path / "out" / "filled.zarr"
     job = make_job(tmp_path, cat, out)
-    assert cli(["run", job, "--cluster", "threads", "--quiet"], capsys)[0] == 0
+    assert run_cli(["run", job, "--cluster", "threads", "--quiet"])[0] == 0
     before = xr.open_zarr(out).SST_predicted.values
     _garble_values(store)
-    code, _, err = cli(["run", job, "--cluster", "threads", "--quiet"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
     assert code == 2
     line = one_line(err)
     assert "input" in line and "--restart" in line
     np.testing.assert_array_equal(xr.open_zarr(out).SST_predicted.values, before)
-    code, stdout, _ = cli(["run", job, "--cluster", "threads", "--quiet", "--restart"], capsys)
+    code, stdout, _ = run_cli(["run", job, "--cluster", "threads", "--quiet", "--restart"])
     assert code == 0 and "reusing the trained model" not in stdout
     after = xr.open_zarr(out).SST_predicted.values
     assert not np.allclose(np.nan_to_num(after), np.nan_to_num(before))
 
 
-def test_two_outputs_in_one_folder_keep_their_own_run_folders(cube, tmp_path, capsys):
+def test_two_outputs_in_one_folder_keep_their_own_run_folders(cube, tmp_path, run_cli):
     _, cat = cube
     a = make_job(tmp_path, cat, tmp_path / "out" / "a.zarr", name="a.yaml")
     b = make_job(tmp_path, cat, tmp_path / "out" / "b.zarr", name="b.yaml",
                  train={"epochs": 2}, features=["AIRT", "SLP"])
-    assert cli(["run", a, "--cluster", "threads", "--quiet"], capsys)[0] == 0
-    assert cli(["run", b, "--cluster", "threads", "--quiet"], capsys)[0] == 0
+    assert run_cli(["run", a, "--cluster", "threads", "--quiet"])[0] == 0
+    assert run_cli(["run", b, "--cluster", "threads", "--quiet"])[0] == 0
     ma = json.load(open(tmp_path / "out" / "a.run" / "metrics.json"))
     mb = json.load(open(tmp_path / "out" / "b.run" / "metrics.json"))
     assert ma["features"] == ["AIRT"] and mb["features"] == ["AIRT", "SLP"]
     assert not (tmp_path / "out" / "metrics.json").exists()
     # a re-run of a finds its own model, not b's
-    code, stdout, _ = cli(["run", a, "--cluster", "threads", "--quiet"], capsys)
+    code, stdout, _ = run_cli(["run", a, "--cluster", "threads", "--quiet"])
     assert code == 0 and "reusing the trained model" in stdout and "a.run" in stdout
 
 
 @pytest.mark.parametrize("where", ["inside", "same", "parent"])
-def test_output_overlapping_the_input_is_refused_before_anything_runs(cube, tmp_path, capsys,
+def test_output_overlapping_the_input_is_refused_before_anything_runs(cube, tmp_path, run_cli,
                                                                        where):
     store, cat = cube
     out = {"inside": os.path.join(store, "pred.zarr"), "same": store,
@@ -143,22 +134,22 @@ def test_output_overlapping_the_input_is_refused_before_anything_runs(cube, tmp_
     listing = sorted(os.listdir(store))
     job = make_job(tmp_path, cat, tmp_path / "unused.zarr")
     for extra in ([], ["--overwrite"], ["--restart"]):
-        code, _, err = cli(["run", job, "--cluster", "threads", "--output", out, *extra], capsys)
+        code, _, err = run_cli(["run", job, "--cluster", "threads", "--output", out, *extra])
         assert code == 2, extra
         assert "input" in one_line(err)
         assert sorted(os.listdir(store)) == listing
         xr.open_zarr(store).SST.values  # still readable  # noqa: B018
-    code, _, err = cli(["validate", job, "--output", out, "--overwrite"], capsys)
+    code, _, err = run_cli(["validate", job, "--output", out, "--overwrite"])
     assert code == 2 and "input" in err
 
 
-def test_restart_never_replaces_a_foreign_store(cube, tmp_path, capsys):
+def test_restart_never_replaces_a_foreign_store(cube, tmp_path, run_cli):
     _, cat = cube
     foreign = tmp_path / "foreign.zarr"
     xr.Dataset({"x": ("i", np.arange(3.0))}).to_zarr(foreign, consolidated=False)
     before = sorted(os.listdir(foreign))
     job = make_job(tmp_path, cat, foreign)
-    code, _, err = cli(["run", job, "--cluster", "threads", "--restart"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--restart"])
     assert code == 2
     line = one_line(err)
     assert "--overwrite" in line and "--restart" not in line.split("pass", 1)[-1]
@@ -166,18 +157,18 @@ def test_restart_never_replaces_a_foreign_store(cube, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out", ["/proc/x.zarr", "/etc/hostname/x.zarr"])
-def test_unwritable_output_is_refused_before_training(cube, tmp_path, capsys, out):
+def test_unwritable_output_is_refused_before_training(cube, tmp_path, run_cli, out):
     _, cat = cube
     job = make_job(tmp_path, cat, out)
-    code, _, err = cli(["run", job, "--cluster", "threads"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", "threads"])
     assert code == 2
     assert out.rsplit("/", 1)[0] in one_line(err)
 
 
-def test_unwritable_run_folder_is_refused(cube, tmp_path, capsys):
+def test_unwritable_run_folder_is_refused(cube, tmp_path, run_cli):
     _, cat = cube
     job = make_job(tmp_path, cat, tmp_path / "out.zarr", output={"dir": "/proc/runs"})
-    code, _, err = cli(["validate", job], capsys)
+    code, _, err = run_cli(["validate", job])
     assert code == 2 and "/proc/runs" in one_line(err)
 
 
@@ -201,20 +192,20 @@ def test_catalog_show_json_into_a_closed_pipe():
     assert res.stdout.startswith("{")
 
 
-def test_coordinates_as_features(cube, tmp_path, capsys):
+def test_coordinates_as_features(cube, tmp_path, run_cli):
     """Physics needs latitude and season: numeric coordinates and xarray's virtual
     variables (time.month) are features like any variable."""
     _, cat = cube
     job = make_job(tmp_path, cat, tmp_path / "o.zarr", features=["AIRT", "lat", "time.month"])
-    code, out, err = cli(["validate", job], capsys)
+    code, out, err = run_cli(["validate", job])
     assert code == 0, err
     bad = make_job(tmp_path, cat, tmp_path / "o.zarr", name="bad.yaml",
                    features=["AIRT", "nonexistent"])
-    code, _, err = cli(["validate", bad], capsys)
+    code, _, err = run_cli(["validate", bad])
     assert code == 2 and "nonexistent" in one_line(err)
 
 
-def test_cube_with_other_dim_names_and_a_depth_dim(tmp_path, capsys):
+def test_cube_with_other_dim_names_and_a_depth_dim(tmp_path, run_cli):
     """The job runs unchanged on a cube whose dims are (time, depth, row, col) without CF
     attributes: input.dims names them; maps and splits follow."""
     src = xr.open_zarr(DEMO).load()
@@ -236,7 +227,7 @@ def test_cube_with_other_dim_names_and_a_depth_dim(tmp_path, capsys):
                    input={"dims": {"y": "row", "x": "col"}},
                    split={"blocks": {"time": 3, "row": 15, "col": 20},
                           "buffer": {"row": 1, "col": 1}})
-    code, out, err = cli(["run", job, "--cluster", "threads", "--quiet"], capsys)
+    code, out, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
     assert code == 0, err
     ds = xr.open_zarr(tmp_path / "out" / "deep.zarr")
     assert ds.SST_filled.dims == ("time", "depth", "row", "col")
@@ -246,7 +237,7 @@ def test_cube_with_other_dim_names_and_a_depth_dim(tmp_path, capsys):
     # without input.dims the job cannot tell Y/X apart from other dims: one clear line
     job2 = make_job(tmp_path, cat, tmp_path / "out" / "deep2.zarr", name="nodims.yaml",
                     split={"blocks": {"time": 3, "row": 15, "col": 20}})
-    code, _, err = cli(["validate", job2], capsys)
+    code, _, err = run_cli(["validate", job2])
     assert code == 2 and "input.dims" in one_line(err)
 
 
@@ -275,7 +266,7 @@ def test_provenance_never_holds_credentials():
     assert spec_fingerprint(parse_spec(data)) == spec_fingerprint(spec)
 
 
-def test_gapfill_on_the_second_real_cube(tmp_path, capsys):
+def test_gapfill_on_the_second_real_cube(tmp_path, run_cli):
     """The shipped ERA5 job (dims number, time, isobaricInhPa, latitude, longitude) runs end
     to end: a level dim and a member dim, coordinates as features, maps on lat/lon."""
     data = yaml.safe_load(open(os.path.join(ROOT, "jobs", "gapfill-era5.yaml")))
@@ -284,7 +275,7 @@ def test_gapfill_on_the_second_real_cube(tmp_path, capsys):
     data["train"].update(epochs=4, patience=2)
     job = tmp_path / "era5.yaml"
     job.write_text(yaml.safe_dump(data))
-    code, out, err = cli(["run", str(job), "--cluster", "threads", "--quiet"], capsys)
+    code, out, err = run_cli(["run", str(job), "--cluster", "threads", "--quiet"])
     assert code == 0, err
     ds = xr.open_zarr(tmp_path / "era5" / "filled.zarr")
     assert {"number", "isobaricInhPa"} <= set(ds.t_filled.dims)
@@ -296,14 +287,14 @@ def test_gapfill_on_the_second_real_cube(tmp_path, capsys):
     assert (tmp_path / "era5" / "filled.run" / "map.png").stat().st_size > 0
 
 
-def test_corrupt_checkpoint_is_one_line(cube, tmp_path, capsys):
+def test_corrupt_checkpoint_is_one_line(cube, tmp_path, run_cli):
     _, cat = cube
     out = tmp_path / "out" / "c.zarr"
     job = make_job(tmp_path, cat, out)
-    assert cli(["run", job, "--cluster", "threads", "--quiet"], capsys)[0] == 0
+    assert run_cli(["run", job, "--cluster", "threads", "--quiet"])[0] == 0
     ckpt = tmp_path / "out" / "c.run" / "best.pt"
     ckpt.write_bytes(b"not a checkpoint" * 10)
-    code, _, err = cli(["run", job, "--cluster", "threads", "--quiet"], capsys)
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
     assert code == 2 and "--restart" in one_line(err) and "best.pt" in err
-    code, _, _ = cli(["run", job, "--cluster", "threads", "--quiet", "--restart"], capsys)
+    code, _, _ = run_cli(["run", job, "--cluster", "threads", "--quiet", "--restart"])
     assert code == 0 and ckpt.stat().st_size > 200
