@@ -373,7 +373,7 @@ def _namespace(x: Any) -> Any:
 @functools.lru_cache(maxsize=16)
 def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple[int, ...],
                       blend: str) -> np.ndarray:
-    counts = tuple((e - t) // s + 1 for e, t, s in zip(ext, tile, stride, strict=True))
+    counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
     w = gaussian_weights(tile) if blend == "gaussian" else np.ones(tile, np.float32)
     wsum = np.zeros(ext, np.float32)
     overlap_add(wsum, np.broadcast_to(w, counts + tile), stride)
