@@ -416,3 +416,12 @@ def test_label_counts_equal_the_full_labels(sizes, data):
             "buffer": int((full == -1).sum())}
     assert label_counts(blocks, test_grid, buffer, sizes) == want
     assert label_counts(blocks, test_grid, buffer, sizes, max_elements=3) == want  # slabs
+
+
+def test_split_attrs_are_json_values():
+    import json
+
+    ds = xr.Dataset({"t": (("lat", "lon"), np.zeros((20, 20)))}).chunk(10)
+    split = block_split(ds, {"lat": 5, "lon": 5}, 0.25, seed=1, buffer={"lat": 1})
+    assert json.loads(split.attrs["split_blocks"]) == {"lat": 5, "lon": 5}
+    assert json.loads(split.attrs["split_buffer"]) == {"lat": 1, "lon": 0}

@@ -16,6 +16,7 @@ graph.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -193,8 +194,9 @@ def block_split(
             "flag_values": [int(TRAIN), int(TEST), int(BUFFER)],
             "flag_meanings": "train test buffer",
             "split_method": "block",
-            "split_blocks": str(dict(zip(dims, bsizes, strict=True))),
-            "split_buffer": str(dict(zip(dims, widths, strict=True))),
+            # JSON, so provenance and metrics carry values, not Python reprs
+            "split_blocks": json.dumps(dict(zip(dims, bsizes, strict=True))),
+            "split_buffer": json.dumps(dict(zip(dims, widths, strict=True))),
             "split_seed": seed,
             "split_test_fraction": f,
             "split_n_blocks": n_blocks,
