@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from benchmarks._common import cli, machine, paired, print_ratios, timed
-from engine.kernels.windows import n_covering_windows
+from engine.kernels.windows import grid_padding
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture
 from engine.testing.cubes import synthetic_cube
@@ -84,7 +84,7 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
     out.data.compute()  # warm-up: model load into the process cache, thread pools
 
     # one chunk per image: predict runs exactly the global grid (no shared halo windows)
-    per_image = n_covering_windows(h, tile, stride) * n_covering_windows(w, tile, stride)
+    per_image = grid_padding(h, tile, stride).windows * grid_padding(w, tile, stride).windows
     n_tiles = t * per_image
     x = np.random.default_rng(0).random((n_tiles, 3, tile, tile), dtype=np.float32)
     # the same batch shapes as predict: each block (image) is cut into batch_size batches
@@ -108,7 +108,8 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
                       overlap=0.5, batch_size=256)
     trivial.data.compute(scheduler="sync")
     t_host = timed(lambda: trivial.data.compute(scheduler="sync"), max(3, reps))[0]
-    big_tiles = pt * n_covering_windows(ph, tile, stride) * n_covering_windows(pw, tile, stride)
+    big_tiles = (pt * grid_padding(ph, tile, stride).windows
+                 * grid_padding(pw, tile, stride).windows)
     return {
         "host_ceiling_tiles_per_s_1thread": big_tiles / t_host,
         "host_ceiling_tiles": big_tiles,

@@ -61,7 +61,7 @@ import xarray as xr
 
 from benchmarks._common import RESULTS, PeakRSS, cli, machine, print_ratios
 from engine.io.writer import WriteResult, write
-from engine.kernels.windows import n_covering_windows
+from engine.kernels.windows import grid_padding
 from engine.testing.cubes import synthetic_cube
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -208,7 +208,8 @@ def _gpu(cfg: dict, input_path: str, root: str, counts: dict[str, float]) -> dic
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        return {"skipped": "dask_cuda is not installed: pip install 'cube-engine[gpu-cuda12]' (or [gpu-cuda13] for CUDA 13)"}
+        return {"skipped": "dask_cuda is not installed: pip install "
+                           "'cube-engine[gpu-cuda12]' (or [gpu-cuda13] for CUDA 13)"}
     from distributed import Client
 
     from engine.ml.predict import predict
@@ -311,7 +312,8 @@ def run(size: str = "default", png_dir: str | None = RESULTS) -> dict[str, Any]:
     t, h, w = cfg["shape"]
     stride = round(TILE * (1 - OVERLAP))
     counts = {
-        "tiles": t * n_covering_windows(h, TILE, stride) * n_covering_windows(w, TILE, stride),
+        "tiles": (t * grid_padding(h, TILE, stride).windows
+                  * grid_padding(w, TILE, stride).windows),
         "pixels": t * h * w,
         "input_bytes": len(VARIABLES) * t * h * w * 4,
     }

@@ -33,11 +33,31 @@ os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
 logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _default_scheduler_restored() -> Iterator[None]:
+    """A client sets itself as dask's default scheduler and, when closed, restores the
+    value it found; clients of different fixture scopes close out of order (a per-module
+    client outlives a per-test one), which would leave a closed client as the default for
+    later tests. After each close, the default is the newest client still running, or
+    none."""
+    import dask
+    from distributed.client import _current_client, _get_global_client
+
+    try:
+        yield
+    finally:
+        current = _current_client.get()
+        if current is not None and current.status != "running":
+            _current_client.set(None)  # a ``with client:`` left behind by fixture teardown
+        c = _get_global_client()  # drops closed clients itself
+        dask.config.set(scheduler="dask.distributed" if c is not None else None)
+
+
 @pytest.fixture(scope="module")
 def client() -> Iterator:
     from engine.testing.clusters import process_client
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _default_scheduler_restored():
         for name in [k for k in os.environ if k.startswith("AWS_")]:
             mp.delenv(name)  # workers inherit this environment: keep credentials out
         with process_client(2) as c:
@@ -48,7 +68,7 @@ def client() -> Iterator:
 def thread_client() -> Iterator:
     from engine.testing.clusters import thread_client
 
-    with thread_client(2) as c:
+    with _default_scheduler_restored(), thread_client(2) as c:
         yield c
 
 
