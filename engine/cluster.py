@@ -4,7 +4,7 @@ Specs
 -----
 ``local``              LocalCluster with worker processes (the default)
 ``threads``            LocalCluster with one process and threads (debugging, small data)
-``local-cuda``         dask-cuda LocalCUDACluster, one worker per GPU (``gpu-cuda12``/``gpu-cuda13`` extra)
+``local-cuda``         dask-cuda LocalCUDACluster, one worker per GPU (``gpu-cuda12/13`` extra)
 ``tls://host:port``    an existing scheduler that speaks TLS (Kubernetes, HPC)
 ``tcp://host:port``    an existing plaintext scheduler (only on a trusted network)
 ``scheduler-file:P``   an existing scheduler described by a scheduler file (HPC)

@@ -25,7 +25,7 @@ import xarray as xr
 
 from engine._version import code_version
 from engine.dims import CubeDims, cube_dims
-from engine.errors import CubeError, SpecError, StoreError
+from engine.errors import CubeError, SpecError
 from engine.io.catalog import open_cube, read_entry
 from engine.ops.splits import block_split, random_split
 from engine.ops.stats import check_variables, compute_metrics, compute_train_stats, valid_mask
