@@ -298,3 +298,53 @@ def test_corrupt_checkpoint_is_one_line(cube, tmp_path, run_cli):
     assert code == 2 and "--restart" in one_line(err) and "best.pt" in err
     code, _, _ = run_cli(["run", job, "--cluster", "threads", "--quiet", "--restart"])
     assert code == 0 and ckpt.stat().st_size > 200
+
+
+def test_mlflow_gets_redacted_params_and_a_usable_default_store(tmp_path, monkeypatch):
+    """tracking.mlflow without a uri: a SQLite store in the run folder (current mlflow
+    refuses its old default file store), and parameters logged with secrets hidden."""
+    import sys
+    import types
+
+    from engine.pipelines.gapfill import _Tracker
+    from engine.pipelines.spec import parse_spec
+
+    calls = {}
+    fake = types.ModuleType("mlflow")
+    fake.set_tracking_uri = lambda uri: calls.setdefault("uri", uri)
+    fake.set_experiment = lambda name: None
+    fake.start_run = lambda run_name=None: object()
+    fake.log_params = lambda params: calls.setdefault("params", params)
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    data = yaml.safe_load(open(os.path.join(ROOT, "jobs", "gapfill.yaml")))
+    data["tracking"] = {"mlflow": True}
+    data["output"]["storage_options"] = {"secret": "mlflow-leak", "token": "tok-leak"}
+    _Tracker(parse_spec(data), str(tmp_path / "run"))
+    assert calls["uri"].startswith("sqlite:///") and str(tmp_path / "run") in calls["uri"]
+    text = json.dumps(calls["params"])
+    assert "mlflow-leak" not in text and "tok-leak" not in text
+    assert calls["params"]["name"] == data["name"]
+
+
+def test_out_of_memory_is_one_line(run_cli, monkeypatch, tmp_path):
+    import engine._cli.main as cli_main
+
+    def boom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli_main, "cmd_validate", boom)
+    code, _, err = run_cli(["validate", str(tmp_path / "job.yaml")])
+    assert code == 2 and "out of memory" in one_line(err)
+
+
+def test_s3_endpoint_with_a_password_is_one_line_and_hidden(cube, tmp_path, run_cli):
+    _, cat = cube
+    job = make_job(tmp_path, cat, "s3://bucket/out.zarr",
+                   output={"storage_options": {"endpoint_url":
+                                               "http://user:hunter2@127.0.0.1:1",
+                                               "key": "k", "secret": "s3-secret"}})
+    code, out, err = run_cli(["validate", job])
+    assert code == 2
+    line = one_line(err)
+    assert "hunter2" not in err + out and "s3-secret" not in err + out
+    assert "s3://bucket/out.zarr" in line
