@@ -152,3 +152,31 @@ def test_valid_mask_dtypes_and_names():
         valid_mask(ds, ["nope"])
     with pytest.raises(CubeError, match="mask 'sea'"):
         valid_mask(ds, ["f"], "sea")
+
+
+def test_metrics_score_only_the_selected_cells():
+    """RMSE/MAE/R2 over ``where`` only: values outside it (train blocks) never count."""
+    from engine.ops.stats import compute_metrics
+
+    rng = np.random.default_rng(3)
+    truth = rng.normal(10, 3, (4, 12, 10)).astype("f4")
+    pred = truth + rng.normal(0, 0.5, truth.shape).astype("f4")
+    where = np.zeros(truth.shape, bool)
+    where[:, :6] = True
+    dims = ("time", "lat", "lon")
+
+    def scores(p):
+        t = xr.DataArray(truth, dims=dims).chunk({"time": 2})
+        return compute_metrics(t, {"m": xr.DataArray(p, dims=dims).chunk({"time": 2})},
+                               xr.DataArray(where, dims=dims))["m"]
+
+    s = scores(pred)
+    e = (pred - truth)[where].astype("f8")
+    assert s["n"] == where.sum()
+    assert s["rmse"] == pytest.approx(np.sqrt(np.mean(e ** 2)), rel=1e-6)
+    assert s["mae"] == pytest.approx(np.mean(np.abs(e)), rel=1e-6)
+    ss_tot = np.sum((truth[where] - truth[where].mean()) ** 2)
+    assert s["r2"] == pytest.approx(1 - np.sum(e ** 2) / ss_tot, rel=1e-6)
+    wild = pred.copy()
+    wild[~where] += 100.0  # a terrible prediction outside the scored cells
+    assert scores(wild) == s
