@@ -120,15 +120,22 @@ def convert_coads(
             "pass overwrite=True (--overwrite) to replace it"
         )
     ds = coads_dataset(src, land_mask=land_mask)
+    return _write_staged(ds, dest, _encoding(ds), prefix=".coads-")
+
+
+def _write_staged(ds: xr.Dataset, dest: str, encoding: dict, prefix: str) -> str:
+    """Write a converted cube beside ``dest`` first, then move it into place: a failed
+    conversion never leaves half a store, and an old store goes only once the new one is
+    complete."""
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".coads-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         staged = os.path.join(tmp, "store.zarr")
         with warnings.catch_warnings():
-            # consolidated metadata is deliberate: one read opens the whole demo cube
+            # consolidated metadata is deliberate: one read opens the whole cube
             warnings.filterwarnings("ignore", message="Consolidated metadata", module="zarr")
-            ds.to_zarr(staged, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
+            ds.to_zarr(staged, mode="w-", zarr_format=3, consolidated=True, encoding=encoding)
         _replace(staged, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,11 +25,9 @@ import datetime as _dt
 import email.parser
 import os
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,7 +35,7 @@ import xarray as xr
 
 from engine._version import code_version
 from engine.errors import EngineError, SpecError, StoreExistsError
-from engine.io.demo import _du, _replace, _same_conversion, _sha256
+from engine.io.demo import _du, _same_conversion, _sha256, _write_staged
 
 __all__ = [
     "DEFAULT_ERA5_DEST",
@@ -133,19 +131,7 @@ def convert_era5_sample(
             f"{dest} exists and was not made from this source by this converter; "
             "pass overwrite=True (--overwrite) to replace it"
         )
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".era5-", dir=parent)
-    try:
-        staged = os.path.join(tmp, "store.zarr")
-        with warnings.catch_warnings():
-            # consolidated metadata is deliberate: one read opens the whole cube
-            warnings.filterwarnings("ignore", message="Consolidated metadata", module="zarr")
-            ds.to_zarr(staged, mode="w-", zarr_format=3, consolidated=True, encoding=_encoding(ds))
-        _replace(staged, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _write_staged(ds, dest, _encoding(ds), prefix=".era5-")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
