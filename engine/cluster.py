@@ -23,12 +23,15 @@ client certificate: ``security=`` (see :func:`engine.security.tls_security`), or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
+import signal
 import socket
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -523,7 +526,8 @@ def connect(
                 "'cube-engine[gpu-cuda13]' (CUDA 13), or make install-gpu CUDA=12|13"
             ) from None
         try:
-            cluster = LocalCUDACluster(**kwargs)
+            with _children_ignore_sigint():
+                cluster = LocalCUDACluster(**kwargs)
         except Exception as err:  # no GPU, no driver, NVML failure
             raise ClusterError(
                 f"cannot start a dask-cuda cluster ({_one_line(err)}); it needs an NVIDIA GPU "
@@ -531,7 +535,26 @@ def connect(
             ) from None
         return _client_of(cluster)
 
-    return _client_of(LocalCluster(**kwargs))
+    with _children_ignore_sigint():
+        cluster = LocalCluster(**kwargs)
+    return _client_of(cluster)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (an ignored signal stays ignored across
+    exec, and Python then installs no KeyboardInterrupt handler): Ctrl-C in a terminal
+    reaches the whole process group, and the workers must not die with tracebacks while
+    this process closes the cluster in order. Ctrl-C during the few seconds of start-up
+    is held back too, so a half-started cluster is never left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _client_of(cluster: Any) -> Client:
