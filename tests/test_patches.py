@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 from engine.errors import CubeError, EngineWarning, SpecError
 from engine.ops.patches import PatchBatch, iter_patches
 from engine.testing.cubes import synthetic_cube
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPE = {"time": 3, "lat": 100, "lon": 130}
 SIZE = {"lat": 32, "lon": 32}
@@ -404,13 +407,15 @@ def test_reflect_pad_of_a_one_pixel_axis_is_the_edge():
 def _patch_cases(draw):
     ny, nx = draw(st.integers(3, 20)), draw(st.integers(3, 20))
     depth = draw(st.sampled_from([None, 2]))
-    sy, sx = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    pad = draw(st.sampled_from([None, "reflect", "nearest", -3.5]))
+    # without padding a patch must fit the cube (a larger one is an error, tested apart)
+    sy = draw(st.integers(1, 8 if pad is not None else min(8, ny)))
+    sx = draw(st.integers(1, 8 if pad is not None else min(8, nx)))
     return dict(
         shape=({"depth": depth} if depth else {}) | {"lat": ny, "lon": nx},
         chunks={"lat": draw(st.integers(1, ny)), "lon": draw(st.integers(1, nx))},
         size=(sy, sx), stride=(draw(st.integers(1, sy + 1)), draw(st.integers(1, sx + 1))),
-        pad=draw(st.sampled_from([None, "reflect", "nearest", -3.5])),
-        naming=draw(st.sampled_from(NAMINGS)), alias=draw(st.booleans()))
+        pad=pad, naming=draw(st.sampled_from(NAMINGS)), alias=draw(st.booleans()))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -456,3 +461,14 @@ def test_shard_chunks_change_between_epochs_and_cover_each_epoch_once():
         assert na + nb == n_chunks  # each patch once per epoch
         per_epoch.append(frozenset(a))
     assert len(set(per_epoch)) > 1, "rank 0 read the same chunks in every epoch"
+
+
+def test_a_patch_larger_than_the_cube_is_an_error_not_an_empty_stream():
+    """The default 64 x 64 on a 61 x 120 grid (the ERA5 sample) yielded nothing, silently."""
+    import engine
+
+    ds = engine.open_cube(os.path.join(ROOT, "catalogs", "era5.yaml"), "era5_levels_members")
+    with pytest.raises(SpecError, match=r"size.lat=64 is larger than the cube \(lat has 61"):
+        engine.iter_patches(ds, variables=["t", "z"], batch_size=8)
+    it = engine.iter_patches(ds, variables=["t"], batch_size=8, pad="reflect")
+    assert next(iter(it)).data.shape == (8, 1, 64, 64)

@@ -302,6 +302,12 @@ class PatchIterator:
         if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise SpecError(f"shard={shard!r}: use (rank, world_size) with 0 <= rank < world_size")
 
+        if pad is None:
+            for d, n in size.items():
+                if int(n) > int(ds.sizes[d]):
+                    raise SpecError(
+                        f"size.{d}={n} is larger than the cube ({d} has {ds.sizes[d]} cells), "
+                        "so no patch fits: use a smaller size or pad='reflect'")
         self.variables = tuple(names)
         self.dims = dims
         self.patch_dims = tuple(d for d in dims if d in size)
