@@ -183,3 +183,14 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     assert "interrupted" in err and "Traceback" not in err and "leaked" not in err, err
     time.sleep(1)
     assert not [c for c in children if c.is_running() and c.status() != "zombie"]
+
+
+def test_set_overrides_on_the_command_line(tmp_path, run_cli):
+    job = write_job(tmp_path)
+    code, out, err = run_cli(["validate", job, "--set", "features=[AIRT]",
+                              "--set", "split.blocks={time: 2, lat: 5, lon: 5}"])
+    assert code == 0, err
+    assert "from AIRT;" in out
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--set", "train.epoch=3"])
+    assert code == 2 and "did you mean 'epochs'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

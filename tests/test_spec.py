@@ -156,3 +156,44 @@ def test_python_tags_are_not_executed(tmp_path):
     with pytest.raises(SpecError):
         load_job(str(p))
     assert not marker.exists()
+
+
+def test_overrides_set_dotted_keys_with_yaml_values(tmp_path):
+    from engine.pipelines.spec import apply_overrides
+
+    data = apply_overrides(GOOD, ["train.epochs=3", "split.blocks={time: 2, lat: 5, lon: 5}",
+                                  "features=[AIRT]", "mask=null", "model.kind=linear"])
+    spec = parse_spec(data)
+    assert spec.train.epochs == 3 and spec.split.blocks == {"time": 2, "lat": 5, "lon": 5}
+    assert spec.features == ["AIRT"] and spec.mask is None and spec.model.kind == "linear"
+    assert GOOD["train"]["epochs"] == 60  # the original is untouched
+    job = tmp_path / "j.yaml"
+    job.write_text(yaml.safe_dump(GOOD))
+    assert load_job(str(job), ["train.patience=2"]).train.patience == 2
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.epochs", "write KEY=VALUE"),
+    ("=3", "write KEY=VALUE"),
+    ("train..epochs=3", "write KEY=VALUE"),
+    ("train.epochs.x=3", "train.epochs is int, not a mapping"),
+    ("train.epochs=[1, &a 2, *a]", "anchor &a is not allowed"),
+])
+def test_bad_overrides_are_one_line(item, words):
+    from engine.pipelines.spec import apply_overrides
+
+    with pytest.raises(SpecError) as exc:
+        apply_overrides(GOOD, [item])
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.epoch=3", "did you mean 'epochs'"),
+    ("train.epochs=ten", "train.epochs must be an integer"),
+    ("train.epochs=0", "train.epochs must be in [1,"),
+])
+def test_overrides_go_through_the_spec_checks(item, words):
+    from engine.pipelines.spec import apply_overrides
+
+    with pytest.raises(SpecError, match=words.replace("[", r"\[").replace("(", r"\(")):
+        parse_spec(apply_overrides(GOOD, [item]))

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="save dask's performance report (HTML) and the throughput summary "
                           "(PATH.json)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a spec field: dotted key, YAML "
+                     "value (--set train.epochs=3 --set split.blocks='{lat: 5, lon: 5}')")
     add_cluster_arguments(run)
 
     val = sub.add_parser("validate", parents=[common],
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--output", metavar="URL")
     val.add_argument("--overwrite", action="store_true")
     val.add_argument("--restart", action="store_true")
+    val.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a spec field, as for run")
     val.add_argument("--offline", action="store_true",
                      help="check the spec and its catalog entry without opening the data "
                           "(for jobs whose data is remote)")
@@ -138,7 +143,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from engine.pipelines.gapfill import check_outputs, job_identity, output_locations, prepare
     from engine.pipelines.spec import load_job
 
-    spec = load_job(args.job)
+    spec = load_job(args.job, getattr(args, "overrides", ()))
     if getattr(args, "offline", False):
         from engine.io.catalog import read_entry
 
@@ -168,12 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     con = _console()
     cluster_kwargs = connect_kwargs(args)  # bad cluster flags: one line, before anything
-    spec = load_job(args.job)
+    spec = load_job(args.job, args.overrides)
     # Validate everything that can be validated without a cluster first: nothing is
     # written and no cluster starts for a bad spec.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         cmd_validate(argparse.Namespace(job=args.job, output=args.output,
-                                        overwrite=args.overwrite, restart=args.restart))
+                                        overwrite=args.overwrite, restart=args.restart,
+                                        overrides=args.overrides))
     t0 = time.perf_counter()
     client = connect(**cluster_kwargs)
     with client:

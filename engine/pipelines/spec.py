@@ -6,6 +6,7 @@ Parsing names the bad field on every error (``train.epochs must be an integer, g
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -28,6 +29,7 @@ __all__ = [
     "GapFillSpec",
     "load_job",
     "parse_spec",
+    "apply_overrides",
 ]
 
 
@@ -302,13 +304,53 @@ def _check_semantics(spec: GapFillSpec) -> None:
             raise SpecError(f"input.dims keys {bad}: use y, x, time, vertical")
 
 
-def load_job(path: str) -> GapFillSpec:
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``data`` with each ``KEY=VALUE`` of ``overrides`` set (``--set`` on the command line).
+
+    ``KEY`` is a dotted path (``train.epochs``, ``label.classes``); ``VALUE`` is YAML
+    (``3``, ``[0, 15]``, ``{lat: 10}``, ``null``), parsed as data like a job file. Missing
+    intermediate mappings are created; whether a key exists is checked by the spec parser
+    afterwards, so a misspelling gets the usual "did you mean" line.
+
+    >>> apply_overrides({"train": {"epochs": 60}}, ["train.epochs=3", "split.blocks={lat: 5}"])
+    {'train': {'epochs': 3}, 'split': {'blocks': {'lat': 5}}}
+    """
+    from engine.io.yaml_safe import load_yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise SpecError(f"--set {item!r}: write KEY=VALUE with a dotted key, e.g. "
+                            "--set train.epochs=3")
+        value = load_yaml(text.encode(), f"--set {key}")
+        cur = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = cur.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise SpecError(f"--set {key}: {'.'.join(parts[:i + 1])} is "
+                                f"{type(nxt).__name__}, not a mapping")
+            cur = nxt
+        cur[parts[-1]] = value
+    return out
+
+
+def load_job(path: str, overrides: list[str] | tuple[str, ...] = ()) -> GapFillSpec:
     """Read and validate a job spec YAML file (no aliases, bounded size: a job file is
-    untrusted data)."""
+    untrusted data), with ``overrides`` (``KEY=VALUE``, see :func:`apply_overrides`)."""
     from engine.io.yaml_safe import load_yaml
 
     if not os.path.isfile(path):
         raise SpecError(f"job file not found: {path}; pass the path of a job spec, "
                         "e.g. jobs/gapfill.yaml")
     data = load_yaml(path, f"job file {path}")
+    if overrides:
+        if not isinstance(data, dict):
+            raise SpecError("a job spec must be a YAML mapping at the top level")
+        data = apply_overrides(data, overrides)
     return parse_spec(data, base_dir=os.path.dirname(os.path.abspath(path)))
