@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("entry")
     cs.add_argument("--json", action="store_true", help="print JSON")
 
+    sub.add_parser("jobs", parents=[common], help="list the job kinds (kind: in a job file)")
+
     from engine._cli import verify as _verify
 
     _verify.add_parser(sub, parents=[common])
@@ -168,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from engine.cluster import cluster_summary, connect
-    from engine.pipelines.gapfill import run_gapfill
+    from engine.pipelines.registry import get_kind
     from engine.pipelines.spec import load_job
 
     con = _console()
@@ -210,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     regions["task"] = progress.add_task("writing", total=total, info="regions")
                 progress.update(regions["task"], completed=done, total=total)
 
-            res = run_gapfill(spec, output=args.output, overwrite=args.overwrite,
+            res = get_kind(spec.kind).run(spec, output=args.output, overwrite=args.overwrite,
                               restart=args.restart, client=client, on_epoch=on_epoch,
                               on_region=on_region, log=lambda s: progress.console.print(s))
             progress.update(epochs, total=progress.tasks[epochs].completed or 1)
@@ -263,6 +265,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from engine.pipelines.registry import job_kinds
+
+    for name, kind in sorted(job_kinds().items()):
+        print(f"{name:<12} {kind.summary} [{kind.source}]")
+    return 0
+
+
 def throughput_table(phases: dict[str, Any]) -> Any:
     """Rich table of :meth:`engine.meter.Meter.summary` phases: all workers, each worker
     and each GPU, with rates over the phase's wall time (patches are counted where they
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "validate": cmd_validate, "catalog": cmd_catalog,
-                "verify": _run_verify}
+                "verify": _run_verify, "jobs": cmd_jobs}
     try:
         return commands[args.command](args)
     except EngineError as err:

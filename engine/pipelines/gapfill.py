@@ -29,12 +29,13 @@ from engine.errors import CubeError, SpecError
 from engine.io.catalog import open_cube, read_entry
 from engine.ops.splits import block_split, random_split
 from engine.ops.stats import check_variables, compute_metrics, compute_train_stats, valid_mask
+from engine.pipelines.registry import JobKind
 from engine.pipelines.spec import GapFillSpec
 from engine.redact import redact
 
 __all__ = ["GapFillResult", "prepare", "run_gapfill", "spec_fingerprint", "job_identity",
            "output_locations", "check_outputs", "FLAG_OBSERVED", "FLAG_FILLED",
-           "FLAG_OUT_OF_RANGE"]
+           "FLAG_OUT_OF_RANGE", "JOB"]
 
 #: ``filled_flag`` values (CF flag_values / flag_meanings).
 FLAG_OBSERVED, FLAG_FILLED, FLAG_OUT_OF_RANGE = 0, 1, 2
@@ -676,3 +677,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+JOB = JobKind(
+    name="gapfill",
+    summary="fill gaps of a target variable from features with a block split, early "
+            "stopping and a resumable filled cube (document 001)",
+    spec=GapFillSpec,
+    run=run_gapfill,
+)
