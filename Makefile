@@ -13,6 +13,10 @@ TORCH_VERSION := 2.13.0
 # the CPU build comes from PyTorch's CPU index, or from a local CPU wheel pip is
 # configured with (find-links / a local index), tried second with the same pin.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# A folder of local torch wheels (machines without PyTorch's index keep the CPU wheel
+# there); used only where it exists, and pip's own find-links settings work as well.
+TORCH_FIND_LINKS ?= $(wildcard /opt/wheels)
+TORCH_LOCAL := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS))
 # CUDA builds per CUDA major; override the minor if the driver needs another, e.g.
 # make install-gpu CUDA=12 TORCH_CUDA12=cu126
 CUDA ?=
@@ -33,9 +37,9 @@ install-torch-cpu: $(BIN)/python
 	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
 	  echo "torch $(TORCH_VERSION) already installed"; \
 	else \
-	  $(PIP) --quiet --timeout 5 --retries 0 --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu' 2>/dev/null \
+	  $(PIP) --quiet --timeout 5 --retries 0 $(TORCH_LOCAL) --index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu' 2>/dev/null \
 	  || { echo "$(TORCH_CPU_INDEX) not reachable: torch $(TORCH_VERSION)+cpu from pip's configured sources"; \
-	       $(PIP) --quiet 'torch==$(TORCH_VERSION)+cpu'; }; \
+	       $(PIP) --quiet $(TORCH_LOCAL) 'torch==$(TORCH_VERSION)+cpu'; }; \
 	fi
 
 install: install-torch-cpu
