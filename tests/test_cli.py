@@ -194,3 +194,12 @@ def test_set_overrides_on_the_command_line(tmp_path, run_cli):
     code, _, err = run_cli(["run", job, "--cluster", "threads", "--set", "train.epoch=3"])
     assert code == 2 and "did you mean 'epochs'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("report", ["/proc/x.html", "/nonexistent/dir/r.html", "{tmp}"])
+def test_unwritable_report_is_one_line_before_anything_runs(tmp_path, run_cli, report):
+    job = write_job(tmp_path)
+    report = report.format(tmp=tmp_path)  # a folder, not a file
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--report", report])
+    assert code == 2 and "--report" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

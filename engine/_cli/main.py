@@ -175,6 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     con = _console()
     cluster_kwargs = connect_kwargs(args)  # bad cluster flags: one line, before anything
+    if args.report:
+        _check_writable_file(args.report, "--report")
+        _check_writable_file(args.report + ".json", "--report")
     spec = load_job(args.job, args.overrides)
     # Validate everything that can be validated without a cluster first: nothing is
     # written and no cluster starts for a bad spec.
@@ -263,6 +266,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         con.print(f"report: {args.report} (dask performance report), {args.report}.json "
                   "(this summary)")
     return 0
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """One line now, not a traceback after the whole run, when ``path`` cannot be written.
+    A file that did not exist is removed again."""
+    from engine.errors import SpecError
+
+    existed = os.path.exists(path)
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "is a folder", path)
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise SpecError(f"{flag} {path}: cannot write there ({err.strerror or err}); give a "
+                        "file in a writable folder") from None
+    if not existed:
+        os.remove(path)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
