@@ -33,10 +33,10 @@ SAFE_OPTION_KEYS = frozenset({
     "listings_expiry_time", "max_paths", "version_aware", "asynchronous", "loop",
     "auto_mkdir", "project", "access", "requests_timeout", "timeout", "connect_timeout",
     "read_timeout", "retries", "max_attempts", "mode", "signature_version",
-    "addressing_style", "s3", "client_kwargs", "config_kwargs", "profile_name_is_public",
+    "addressing_style", "s3", "client_kwargs", "config_kwargs",
     "simple_links", "same_scheme", "size_policy", "cache_timeout", "target_protocol",
     "target_options", "remote_protocol", "remote_options", "fo", "max_concurrency",
-    "account_name", "protocol", "path_style", "proxy_url_is_public",
+    "account_name", "protocol", "path_style",
 })
 
 #: Keys that hold nested storage options (their values are redacted with the same rule).

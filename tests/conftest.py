@@ -5,6 +5,8 @@ Fixtures
 client        a 2-process LocalCluster on 127.0.0.1 and its client, per module; the
               workers start without AWS_* variables (credentials come only through
               storage_options)
+threads_scheduler  dask's threaded scheduler for one test (modules use it through
+              ``pytestmark = pytest.mark.usefixtures("threads_scheduler")``)
 thread_client an in-process cluster of 2 one-thread workers and its client, per test
               (HTTP servers on 127.0.0.1)
 s3            moto's S3 server on 127.0.0.1 with one empty bucket, per module
@@ -62,6 +64,15 @@ def client() -> Iterator:
             mp.delenv(name)  # workers inherit this environment: keep credentials out
         with process_client(2) as c:
             yield c
+
+
+@pytest.fixture
+def threads_scheduler() -> Iterator[None]:
+    """dask's threaded scheduler for the test, whatever default another module left."""
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        yield
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 
-import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -20,10 +19,8 @@ from engine.testing.faults import counting_cube
 REGIONS = {"time": 4, "lat": 5, "lon": 4}
 
 
-@pytest.fixture(autouse=True)
-def local_scheduler():
-    with dask.config.set(scheduler="threads"):
-        yield
+# the threaded scheduler unless a test passes its own client (conftest.threads_scheduler)
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 @pytest.fixture

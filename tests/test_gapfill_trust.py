@@ -348,3 +348,22 @@ def test_s3_endpoint_with_a_password_is_one_line_and_hidden(cube, tmp_path, run_
     line = one_line(err)
     assert "hunter2" not in err + out and "s3-secret" not in err + out
     assert "s3://bucket/out.zarr" in line
+
+
+def test_a_run_plans_once(cube, tmp_path, run_cli, monkeypatch):
+    """The command line checks everything before the cluster starts and the run uses that
+    plan: the input store is listed for its identity once, not once per check."""
+    import engine.io.stores as stores
+
+    calls = []
+    real = stores.store_identity
+
+    def counting(url, storage_options=None):
+        calls.append(url)
+        return real(url, storage_options)
+
+    monkeypatch.setattr(stores, "store_identity", counting)
+    _, cat = cube
+    job = make_job(tmp_path, cat, tmp_path / "out" / "once.zarr")
+    assert run_cli(["run", job, "--cluster", "threads", "--quiet"])[0] == 0
+    assert len(calls) == 1

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 
-import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -21,10 +20,8 @@ from engine.testing.faults import count_computations, counting_cube
 REGIONS = {"time": 4, "lat": 5, "lon": 4}  # 3 x 2 x 2 regions of one chunk each
 
 
-@pytest.fixture(autouse=True)
-def local_scheduler():
-    with dask.config.set(scheduler="threads"):
-        yield
+# the threaded scheduler unless a test passes its own client (conftest.threads_scheduler)
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 @pytest.fixture

@@ -47,11 +47,8 @@ def open_store(url, **kw) -> xr.Dataset:
     return xr.open_zarr(url, consolidated=True, **kw).compute()
 
 
-@pytest.fixture(autouse=True)
-def local_scheduler():
-    """These tests run without a cluster even if another module left a default client."""
-    with dask.config.set(scheduler="threads"):
-        yield
+# the threaded scheduler unless a test passes its own client (conftest.threads_scheduler)
+pytestmark = pytest.mark.usefixtures("threads_scheduler")
 
 
 @pytest.fixture

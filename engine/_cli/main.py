@@ -141,8 +141,18 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(spec: Any, args: argparse.Namespace, must_resume: bool) -> Any:
+    """The job kind's plan (cube, destinations, resume identity), made without a cluster."""
+    from engine.pipelines.registry import get_kind
+
+    kind = get_kind(spec.kind)
+    if kind.plan is None:
+        return None
+    return kind.plan(spec, args.output, overwrite=args.overwrite,
+                     restart=getattr(args, "restart", False), must_resume=must_resume)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine.pipelines.gapfill import check_outputs, job_identity, output_locations, prepare
     from engine.pipelines.spec import load_job
 
     spec = load_job(args.job, getattr(args, "overrides", ()))
@@ -153,15 +163,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"ok (offline: spec and catalog entry only, data not opened): {args.job} "
               f"({spec.kind}) entry {spec.input.entry} at {entry.to_dict()['url']}")
         return 0
-    p = prepare(spec)
-    url, run_dir = output_locations(spec, args.output)
-    action = check_outputs(spec, p, url, run_dir, job_identity(spec, p),
-                           overwrite=args.overwrite, restart=getattr(args, "restart", False),
-                           must_resume=False)
+    plan = _plan(spec, args, must_resume=False)
+    p = plan.prepared
     y, x = p.dims.horizontal
     print(f"ok: {args.job} ({spec.kind}) target {spec.target} from {', '.join(spec.features)}; "
-          f"cube {dict(p.ds.sizes)} (y={y}, x={x}); output {url} ({action}); "
-          f"run folder {run_dir}")
+          f"cube {dict(p.ds.sizes)} (y={y}, x={x}); output {plan.url} ({plan.action}); "
+          f"run folder {plan.run_dir}")
     return 0
 
 
@@ -179,12 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_writable_file(args.report, "--report")
         _check_writable_file(args.report + ".json", "--report")
     spec = load_job(args.job, args.overrides)
-    # Validate everything that can be validated without a cluster first: nothing is
-    # written and no cluster starts for a bad spec.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        cmd_validate(argparse.Namespace(job=args.job, output=args.output,
-                                        overwrite=args.overwrite, restart=args.restart,
-                                        overrides=args.overrides))
+    # Check everything that can be checked without a cluster first: nothing is written
+    # and no cluster starts for a bad spec; the run uses this plan, not a second one.
+    plan = _plan(spec, args, must_resume=True)
     t0 = time.perf_counter()
     client = connect(**cluster_kwargs)
     with client:
@@ -215,9 +219,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     regions["task"] = progress.add_task("writing", total=total, info="regions")
                 progress.update(regions["task"], completed=done, total=total)
 
-            res = get_kind(spec.kind).run(spec, output=args.output, overwrite=args.overwrite,
-                              restart=args.restart, client=client, on_epoch=on_epoch,
-                              on_region=on_region, log=lambda s: progress.console.print(s))
+            res = get_kind(spec.kind).run(
+                spec, plan=plan, output=args.output, overwrite=args.overwrite,
+                restart=args.restart, client=client, on_epoch=on_epoch, on_region=on_region,
+                log=lambda s: progress.console.print(s))
             progress.update(epochs, total=progress.tasks[epochs].completed or 1)
     m = res.metrics
     t = Table(title=f"{spec.name}: test blocks ({m['test']['model']['n']:,} cells)")

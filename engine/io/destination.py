@@ -30,7 +30,7 @@ from engine.io import stores
 from engine.io.manifest import ENGINE_PREFIX, FINGERPRINT
 from engine.redact import redact, redact_text, redact_url
 
-__all__ = ["check_destination"]
+__all__ = ["check_destination", "check_outside_inputs", "probe_writable"]
 
 Action = Literal["create", "resume", "replace"]
 
@@ -54,7 +54,9 @@ def _inside(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def _check_inputs(url: str, inputs: Iterable[str]) -> None:
+def check_outside_inputs(url: str, inputs: Iterable[str]) -> None:
+    """Raise :class:`StoreError` (one line) when ``url`` is, contains or lies inside one of
+    ``inputs`` (paths normalised: relative, ``..``, symlinks, ``file://``)."""
     inputs = [str(i) for i in inputs]
     if not inputs:
         return
@@ -219,7 +221,7 @@ the input store memory://doc-destination/in.zarr: writing there would destroy th
 choose another --output
     """
     url = str(url)
-    _check_inputs(url, inputs)
+    check_outside_inputs(url, inputs)
     if stores.is_local(url):
         why = _protected(stores._local_path(url))
         if why:

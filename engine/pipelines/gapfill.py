@@ -33,9 +33,9 @@ from engine.pipelines.registry import JobKind
 from engine.pipelines.spec import GapFillSpec
 from engine.redact import redact
 
-__all__ = ["GapFillResult", "prepare", "run_gapfill", "spec_fingerprint", "job_identity",
-           "output_locations", "check_outputs", "FLAG_OBSERVED", "FLAG_FILLED",
-           "FLAG_OUT_OF_RANGE", "JOB"]
+__all__ = ["GapFillResult", "RunPlan", "prepare", "plan_run", "run_gapfill",
+           "spec_fingerprint", "job_identity", "output_locations", "check_outputs",
+           "FLAG_OBSERVED", "FLAG_FILLED", "FLAG_OUT_OF_RANGE", "JOB"]
 
 #: ``filled_flag`` values (CF flag_values / flag_meanings).
 FLAG_OBSERVED, FLAG_FILLED, FLAG_OUT_OF_RANGE = 0, 1, 2
@@ -211,16 +211,41 @@ def check_outputs(spec: GapFillSpec, p: Prepared, url: str, run_dir: str, identi
     """Every destination check a run needs, before a cluster starts or anything is written:
     the store (foreign, different, unwritable, or overlapping an input) and the run folder
     (writable, not inside an input)."""
-    from engine.io.destination import check_destination, probe_writable
+    from engine.io.destination import check_destination, check_outside_inputs, probe_writable
 
     inputs = [u for u in (p.input_url,) if u]
     action = check_destination(url, spec.output.storage_options, fingerprint=identity,
                                overwrite=overwrite, restart=restart, must_resume=must_resume,
                                inputs=inputs)
-    check_destination(run_dir, inputs=inputs) if not os.path.exists(run_dir) else None
+    check_outside_inputs(run_dir, inputs)
     if not _is_url(run_dir):
         probe_writable(run_dir)
     return action
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, found before a cluster starts: the opened cube, where it writes,
+    its resume identity and what happens to the store (create, resume or replace)."""
+
+    prepared: Prepared
+    url: str
+    run_dir: str
+    identity: dict[str, str]
+    action: str
+
+
+def plan_run(spec: GapFillSpec, output: str | None = None, *, overwrite: bool = False,
+             restart: bool = False, must_resume: bool = True) -> RunPlan:
+    """Open the cube, compute the resume identity and check every destination, once: the
+    command line plans before it starts a cluster and hands the plan to :func:`run_gapfill`
+    (the input store is listed for its identity once per run, not twice)."""
+    p = prepare(spec)
+    url, run_dir = output_locations(spec, output)
+    identity = job_identity(spec, p)
+    action = check_outputs(spec, p, url, run_dir, identity, overwrite=overwrite,
+                           restart=restart, must_resume=must_resume)
+    return RunPlan(prepared=p, url=url, run_dir=run_dir, identity=identity, action=action)
 
 
 def fill_range(lo: float, hi: float, margin: float) -> tuple[float, float]:
@@ -375,8 +400,10 @@ def run_gapfill(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_region: Callable[..., None] | None = None,
     log: Callable[[str], None] = lambda s: None,
+    plan: RunPlan | None = None,
 ) -> GapFillResult:
-    """Run the whole job; every input is validated before anything is written."""
+    """Run the whole job; every input is validated before anything is written. ``plan``:
+    the :func:`plan_run` of the same arguments, when the caller made it already."""
     from engine.io.writer import write
     from engine.meter import Meter
     from engine.ml.models import build_regressor
@@ -384,11 +411,9 @@ def run_gapfill(
     from engine.ml.train import load_checkpoint, model_hash, plot_loss, seed_everything
 
     t_start = time.perf_counter()
-    p = prepare(spec)
-    url, run_dir = output_locations(spec, output)
-    identity = job_identity(spec, p)
     # Refuse a foreign, different or input-overlapping store *before* training.
-    check_outputs(spec, p, url, run_dir, identity, overwrite=overwrite, restart=restart)
+    plan = plan or plan_run(spec, output, overwrite=overwrite, restart=restart)
+    p, url, run_dir, identity = plan.prepared, plan.url, plan.run_dir, plan.identity
     tracker = _Tracker(spec, run_dir) if spec.tracking.mlflow else None
     os.makedirs(run_dir, exist_ok=True)
     files = {"metrics": os.path.join(run_dir, "metrics.json"),
@@ -685,4 +710,5 @@ JOB = JobKind(
             "stopping and a resumable filled cube (document 001)",
     spec=GapFillSpec,
     run=run_gapfill,
+    plan=plan_run,
 )

@@ -34,9 +34,13 @@ class JobKind:
     summary: str
     #: Frozen dataclass the job file is parsed into (``parse_spec`` names bad fields).
     spec: type
-    #: ``run(spec, *, output, overwrite, restart, client, on_epoch, on_region, log)``.
+    #: ``run(spec, *, output, overwrite, restart, client, on_epoch, on_region, log, plan)``.
     run: Callable[..., Any]
     source: str = "cube-engine"
+    #: ``plan(spec, output, *, overwrite, restart, must_resume)``: everything checkable
+    #: without a cluster (cube, destinations, resume identity); its result is handed to
+    #: ``run(..., plan=)``. None: the kind checks inside ``run``.
+    plan: Callable[..., Any] | None = None
 
 
 #: The engine's own kinds, as ``module:attribute`` so listing them imports no torch.
