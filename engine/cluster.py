@@ -501,6 +501,14 @@ def connect(
 
     n, n_src = _option("n-workers", n_workers)
     threads, t_src = _option("threads-per-worker", threads_per_worker)
+    if kind == "local-cuda":
+        # one worker per GPU (dask-cuda's default) and several threads each, so the
+        # blocks in flight on a GPU (predict.gpu-tasks-per-gpu) overlap their copies,
+        # forward passes and host work; keywords still win
+        if n_workers is None:
+            n, n_src = None, "config"
+        if threads_per_worker is None:
+            threads, t_src = _option("gpu-threads-per-worker", None)
     memory, m_src = _option("memory-limit", memory_limit)
     n = check_cluster_options(n, source=n_src)[0]
     threads = check_cluster_options(threads_per_worker=threads, source=t_src)[1]

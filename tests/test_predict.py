@@ -216,7 +216,7 @@ def test_model_bytes_appear_once_in_the_graph():
 
 def test_gpu_annotation_only_for_cuda():
     ds = synthetic_cube(SHAPE, chunks={"lat": 45})
-    for device, want in (("cuda", {"GPU": 1}), ("cpu", None)):
+    for device, want in (("cuda", {"GPU": 0.25}), ("cpu", None)):
         out = predict(ds, _identity_conv(), tile=TILE, device=device)
         layers = out.data.__dask_graph__().layers
         ann = [lay.annotations for name, lay in layers.items() if name.startswith("predict-")]

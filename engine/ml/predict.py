@@ -24,9 +24,11 @@ with a NaN feature get NaN without reaching the model.
 The model is serialised once (state_dict + architecture factory, TorchScript, or the
 pickled module) into ONE graph key that every block depends on, and loaded lazily once
 per worker process into a cache keyed by its content hash (:func:`model_load_count`).
-With ``device="cuda"`` the inference tasks carry ``resources={"GPU": 1}``: start the
-workers with ``--resources GPU=1`` (or ``LocalCUDACluster(resources={"GPU": 1})``), or
-they will never run.
+With ``device="cuda"`` the inference tasks carry ``resources={"GPU": 1/n}`` (``n`` =
+``predict.gpu-tasks-per-gpu``): start the workers with ``--resources GPU=1`` and at least
+``n`` threads (``--cluster local-cuda`` does), or they will never run. On a CUDA device a
+block runs there end to end (:func:`_tiles_on_device`): one pinned copy in, windows cut
+by ``unfold``, forward passes, the weighted blend as strided in-place adds, one copy out.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ from engine.kernels.windows import (
     overlap_add,
     pad_kwargs,
     pad_widths,
+)
+from engine.ml.device import (
+    auto_batch_size,
+    fold_add,
+    gpu_semaphore,
+    gpu_slots,
+    resolve_device,
+    thread_stream,
+    to_device,
+    to_host,
+    unfold_windows,
 )
 
 __all__ = [
@@ -293,22 +306,26 @@ def _in_worker() -> Any:
 
 
 def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractContextManager]:
-    """Resolve the device in *this* process and pick the forward-pass lock.
+    """Resolve the device in *this* process and pick the block lock.
 
     In a distributed worker the nanny sets ``OMP_NUM_THREADS=1``, so each of the worker's
     threads runs its own single-threaded forward pass; without that variable torch gets
     ``cores // threads-per-worker`` threads. With the local threaded scheduler forward
-    passes are serialised by a process lock and each uses all of torch's threads, so
-    ``n`` dask threads never start ``n x cores`` torch threads.
+    passes on the CPU are serialised by a process lock and each uses all of torch's
+    threads, so ``n`` dask threads never start ``n x cores`` torch threads. On a GPU no
+    lock is held around forward passes: each thread runs on its own CUDA stream, and a
+    semaphore (:func:`engine.ml.device.gpu_semaphore`) bounds the blocks in flight.
     """
     global _THREADS_SET
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    try:
+        dev = resolve_device(device)
+    except RuntimeError:
         raise RuntimeError("predict(device='cuda') but this worker has no CUDA device: use "
-                           "device='auto' or start GPU workers")
+                           "device='auto' or start GPU workers") from None
+    if dev.type == "cuda":
+        return dev, gpu_semaphore(dev)
     worker = _in_worker()
-    if worker is None or dev.type == "cuda":
+    if worker is None:
         return dev, _FORWARD_LOCK
     if not _THREADS_SET and "OMP_NUM_THREADS" not in os.environ:
         with _LOCK:
@@ -333,11 +350,10 @@ def _locks(dev: torch.device, lock: Any) -> tuple[Any, Any]:
     On a CPU shared by the local threaded scheduler a whole block holds the lock: torch's
     intra-op threads spin on every core during a forward pass, and another dask thread
     cutting windows meanwhile slowed the forward passes by a third (measured on 2 cores).
-    On a GPU only the forward pass holds it, so the host cuts the next batch meanwhile.
+    On a GPU the block holds a slot of the device's semaphore and forward passes hold
+    nothing.
     """
-    if dev.type == "cpu":
-        return lock, contextlib.nullcontext()
-    return contextlib.nullcontext(), lock
+    return lock, contextlib.nullcontext()
 
 
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -383,9 +399,10 @@ def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple
 
 
 # -- block functions ----------------------------------------------------------------------
-def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], batch_size: int,
-                   blend: str, out_channels: int, device: str, precision: str,
-                   fill_value: float | None, bounds: tuple[tuple[int, ...], ...] = (),
+def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...],
+                   batch_size: int | None, blend: str, out_channels: int, device: str,
+                   precision: str, fill_value: float | None,
+                   bounds: tuple[tuple[int, ...], ...] = (),
                    real: tuple[tuple[int, int], ...] = (),
                    block_id: tuple[int, ...] | None = None) -> Any:
     """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``.
@@ -394,62 +411,22 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
     stride in the padded array), so the block runs every full window of its local grid.
     ``bounds`` (block boundaries of the padded array) and ``real`` (the array's
     ``[start, stop)`` in it) only count the real pixels of the block's core for the meter.
+    On a CUDA device the whole block runs there (:func:`_tiles_on_device`).
     """
-    from engine.kernels.windows import window_view
-
     t0 = time.perf_counter()
     *blocks, payload = args
-    xp = _namespace(blocks[0])
     k = len(tile)
     others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
     m_count = math.prod(others)
-    x = xp.stack([xp.asarray(b, dtype=xp.float32) for b in blocks], axis=len(others))
-    x = x.reshape(m_count, len(blocks), *ext)
-    if fill_value is not None:
-        x[xp.isnan(x)] = fill_value
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
-    win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
-    total = m_count * math.prod(counts)
-    weights = gaussian_weights(tile) if blend == "gaussian" else None
-    if weights is not None and xp is not np:
-        weights = xp.asarray(weights)
-    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
-    # Slabs of whole window rows along the first tile axis: the slab's windows are cut
-    # (one copy), run in batches, weighted, and added with one strided add per grid
-    # offset class (overlap_add). Python loops over slabs and batches, never over windows;
-    # memory holds one slab's windows, not the block's.
-    rest = math.prod(counts[1:])
-    rows = max(1, min(counts[0], -(-max(batch_size, _SLAB_WINDOWS) // max(rest, 1))))
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
+    run = _tiles_on_device if dev.type == "cuda" else _tiles_on_host
     with block_lock, torch.inference_mode():
-        for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
-            r = min(rows, counts[0] - i0)
-            # (C, r, *rest_counts, *tile) view -> (r, *rest_counts, C, *tile), one copy
-            cut = xp.empty((r, *counts[1:], len(blocks), *tile), xp.float32)
-            cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
-            cut = cut.reshape(r * rest, len(blocks), *tile)
-            preds = xp.empty((r * rest, out_channels, *tile), xp.float32)
-            for b0 in range(0, r * rest, batch_size):
-                batch = cut[b0:b0 + batch_size]
-                with step_lock, _autocast(dev, precision):
-                    out = _forward(model, batch, dev, xp)
-                if out.ndim == k + 1 and out_channels == 1:
-                    out = out[:, None]
-                if out.shape != (len(batch), out_channels, *tile):
-                    raise RuntimeError(f"model returned shape {tuple(out.shape)} for input "
-                                       f"{tuple(batch.shape)}; expected (batch, "
-                                       f"{out_channels}, *{tile}): check out_channels= and "
-                                       "the model")
-                if weights is not None:
-                    out *= weights
-                preds[b0:b0 + len(batch)] = out
-            # (r*rest, O, *tile) -> (O, r, *rest_counts, *tile), added at row i0
-            preds = xp.moveaxis(preds.reshape(r, *counts[1:], out_channels, *tile), k, 0)
-            overlap_add(acc[m, :, i0 * stride[0]:], preds, stride)
-    wsum = _block_weight_sum(ext, tile, stride, blend)
-    acc /= wsum if xp is np else xp.asarray(wsum)
+        out = run(blocks, model, payload.digest, dev, step_lock, tile=tile, stride=stride,
+                  counts=counts, batch_size=batch_size, blend=blend,
+                  out_channels=out_channels, precision=precision, fill_value=fill_value)
     pixels = m_count
     if block_id is not None and bounds:
         at = block_id[len(block_id) - k:]
@@ -457,10 +434,140 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...], b
             pixels *= max(0, min(b[i + 1], hi) - max(b[i], lo))
     else:
         pixels *= math.prod(ext)
-    meter.record("predict", items=total, pixels=pixels,
+    meter.record("predict", items=m_count * math.prod(counts), pixels=pixels,
                  bytes_read=sum(int(b.nbytes) for b in blocks),
                  seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
-    return acc.reshape(*others, out_channels, *ext)
+    return out.reshape(*others, out_channels, *ext)
+
+
+def _check_out(out: Any, n: int, out_channels: int, tile: tuple[int, ...]) -> Any:
+    if out.ndim == len(tile) + 1 and out_channels == 1:
+        out = out[:, None]
+    if tuple(out.shape) != (n, out_channels, *tile):
+        raise RuntimeError(f"model returned shape {tuple(out.shape)} for {n} windows of "
+                           f"{tile}; expected (batch, {out_channels}, *{tile}): check "
+                           "out_channels= and the model")
+    return out
+
+
+def _tiles_on_host(blocks: list, model: nn.Module, digest: str, dev: torch.device,
+                   step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
+                   counts: tuple[int, ...], batch_size: int | None, blend: str,
+                   out_channels: int, precision: str, fill_value: float | None) -> Any:
+    """The block on the host (numpy, or cupy blocks with a CPU model): windows cut as
+    strided views in slabs of whole window rows, one copy per slab, batches through the
+    model, weighted, and added with one strided add per grid offset class
+    (:func:`~engine.kernels.windows.overlap_add`). Python loops over slabs and batches,
+    never over windows; memory holds one slab's windows, not the block's."""
+    from engine.kernels.windows import window_view
+
+    xp = _namespace(blocks[0])
+    k = len(tile)
+    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
+    m_count = math.prod(others)
+    bs = int(batch_size or config.get("predict.tile-batch-size"))
+    x = xp.stack([xp.asarray(b, dtype=xp.float32) for b in blocks], axis=len(others))
+    x = x.reshape(m_count, len(blocks), *ext)
+    if fill_value is not None:
+        x[xp.isnan(x)] = fill_value
+    win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
+    weights = gaussian_weights(tile) if blend == "gaussian" else None
+    if weights is not None and xp is not np:
+        weights = xp.asarray(weights)
+    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
+    rest = math.prod(counts[1:])
+    rows = max(1, min(counts[0], -(-max(bs, _SLAB_WINDOWS) // max(rest, 1))))
+    for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
+        r = min(rows, counts[0] - i0)
+        # (C, r, *rest_counts, *tile) view -> (r, *rest_counts, C, *tile), one copy
+        cut = xp.empty((r, *counts[1:], len(blocks), *tile), xp.float32)
+        cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
+        cut = cut.reshape(r * rest, len(blocks), *tile)
+        preds = xp.empty((r * rest, out_channels, *tile), xp.float32)
+        for b0 in range(0, r * rest, bs):
+            batch = cut[b0:b0 + bs]
+            with step_lock, _autocast(dev, precision):
+                out = _check_out(_forward(model, batch, dev, xp), len(batch), out_channels,
+                                 tile)
+            if weights is not None:
+                out *= weights
+            preds[b0:b0 + len(batch)] = out
+        # (r*rest, O, *tile) -> (O, r, *rest_counts, *tile), added at row i0
+        preds = xp.moveaxis(preds.reshape(r, *counts[1:], out_channels, *tile), k, 0)
+        overlap_add(acc[m, :, i0 * stride[0]:], preds, stride)
+    wsum = _block_weight_sum(ext, tile, stride, blend)
+    acc /= wsum if xp is np else xp.asarray(wsum)
+    return acc
+
+
+_DEVICE_SLAB = 8192  # windows cut at once on a GPU (one gather; ~100 MB for 3x64x64)
+_DEVICE_CONST: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _device_const(key: tuple, make: Callable[[], np.ndarray], dev: torch.device) -> Any:
+    """A read-only array (weights, weight sums) uploaded once per device and cached."""
+    full = (*key, str(dev))
+    with _LOCK:
+        t = _DEVICE_CONST.get(full)
+        if t is None:
+            t = _DEVICE_CONST[full] = torch.from_numpy(np.array(make())).to(dev)
+            while len(_DEVICE_CONST) > 32:
+                _DEVICE_CONST.popitem(last=False)
+    return t
+
+
+def _tiles_on_device(blocks: list, model: nn.Module, digest: str, dev: torch.device,
+                     step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
+                     counts: tuple[int, ...], batch_size: int | None, blend: str,
+                     out_channels: int, precision: str, fill_value: float | None) -> Any:
+    """The whole block on a CUDA device, on this thread's own stream.
+
+    One host->device copy (pinned, ``non_blocking``; cupy blocks are already there),
+    windows cut on the device as an unfolded view (one gather per slab), forward passes,
+    the Gaussian weighting and the blend as strided in-place adds of the weighted windows
+    (:func:`engine.ml.device.fold_add`) into a device accumulator, the division by the
+    summed weights, and one copy back (none for cupy). The forward passes of other
+    threads' blocks, their copies and their host work overlap this one.
+    """
+    k = len(tile)
+    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
+    m_count = math.prod(others)
+    n_in = len(blocks)
+    stream = thread_stream(dev)
+    with torch.cuda.stream(stream):
+        x = to_device([b.reshape(m_count, *ext) for b in blocks], dev, axis=1,
+                      fill_value=fill_value)  # (M, C, *ext)
+        acc = torch.zeros((m_count, out_channels, *ext), device=dev, dtype=torch.float32)
+        rest = math.prod(counts[1:])
+        if rest and counts[0]:
+            win = unfold_windows(x, 2, tile, stride)  # (M, C, *counts, *tile), a view
+            bs = int(batch_size or auto_batch_size(
+                model, (n_in, *tile), dev, _autocast(dev, precision),
+                key=(digest, precision)))
+            weights = (_device_const(("gauss", tile), lambda: gaussian_weights(tile), dev)
+                       if blend == "gaussian" else None)
+            rows = max(1, min(counts[0], -(-max(bs, _DEVICE_SLAB) // rest)))
+            for m, i0 in itertools.product(range(m_count), range(0, counts[0], rows)):
+                r = min(rows, counts[0] - i0)
+                # (C, r, *rest, *tile) -> (r*rest, C, *tile): one gather on the device
+                cut = win[m, :, i0:i0 + r].movedim(0, k).reshape(r * rest, n_in, *tile)
+                preds = torch.empty((r * rest, out_channels, *tile), device=dev,
+                                    dtype=torch.float32)
+                for b0 in range(0, r * rest, bs):
+                    batch = cut[b0:b0 + bs]
+                    with step_lock, _autocast(dev, precision):
+                        out = model(batch)
+                    if isinstance(out, (tuple, list)):
+                        out = out[0]
+                    out = _check_out(out, len(batch), out_channels, tile)
+                    preds[b0:b0 + len(batch)] = out if weights is None else out * weights
+                fold_add(acc[m, :, i0 * stride[0]:],
+                         preds.reshape(r, *counts[1:], out_channels, *tile).movedim(k, 0),
+                         stride)
+        wsum = _device_const(("wsum", ext, tile, stride, blend),
+                             lambda: _block_weight_sum(ext, tile, stride, blend), dev)
+        acc /= wsum
+        return to_host(acc, like=blocks[0])
 
 
 def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
@@ -604,13 +711,20 @@ def predict(
     overlap
         Window overlap in ``[0, 1)``; stride ``= round(tile * (1 - overlap))``.
     batch_size
-        Windows (or pixels) per model call; default config ``predict.tile-batch-size``
-        (32) for tiles and ``predict.batch-size`` for pixels.
+        Windows (or pixels) per model call. Default for tiles: on a GPU the largest
+        power of two that half the free device memory holds for the blocks in flight
+        (measured once per model), on the CPU config ``predict.tile-batch-size`` (32);
+        for pixels config ``predict.batch-size``.
     blend
         ``"gaussian"`` (sigma = tile/8) or ``"mean"`` weighting of overlapping windows.
     device
         ``"auto"`` (CUDA when the worker has it), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        ``"cuda"`` annotates the tasks with ``resources={"GPU": 1}``.
+        ``"cuda"`` annotates the tasks with ``resources={"GPU": 1/n}`` (``n`` = config
+        ``predict.gpu-tasks-per-gpu``, 4): a GPU worker (``--resources GPU=1``, as
+        ``--cluster local-cuda`` starts them) runs ``n`` blocks at once, each on its own
+        CUDA stream, so copies, forward passes and host work of different blocks overlap.
+        On a CUDA device a block's windows are cut, run and blended on the device, with
+        one copy in and one copy out per block (none for cupy-backed cubes).
     precision
         ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
     out_channels
@@ -663,24 +777,26 @@ def predict(
     common = {"out_channels": int(out_channels), "device": device, "precision": precision,
               "fill_value": fill_value}
     gpu = device.startswith("cuda")
-    annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
+    # a share of a GPU worker's GPU=1 resource: gpu_slots() blocks run at once per GPU
+    annotate = (dask.annotate(resources={"GPU": 1 / gpu_slots()}) if gpu
+                else contextlib.nullcontext())
     attrs = {"engine_model_hash": payload.digest, "engine_model_format": payload.kind}
     out_dims: list[Any]
 
     if not tile:
-        bs = int(config.get("predict.batch-size", batch_size))
+        pbs = int(config.get("predict.batch-size", batch_size))
         data = [a.data.rechunk(arrays[0].data.chunks) for a in arrays]
         # every key names all it depends on: the inputs (their dask names hold data and
         # chunking), the model content and every parameter; two calls compose in one graph
-        token = dask.base.tokenize("points", [x.name for x in data], payload.digest, bs,
+        token = dask.base.tokenize("points", [x.name for x in data], payload.digest, pbs,
                                    sorted(common.items()))
         with annotate:
             y = da.map_blocks(_predict_points, *data, payload_key, new_axis=len(dims),
                               chunks=data[0].chunks + ((out_channels,),), dtype=np.float32,
                               meta=xp.empty((0,) * (len(dims) + 1), np.float32),
-                              name=f"predict-points-{token}", batch_size=bs, **common)
+                              name=f"predict-points-{token}", batch_size=pbs, **common)
         out_dims = list(dims) + [CHANNEL_DIM]
-        attrs["engine_predict"] = f"pointwise batch_size={bs}"
+        attrs["engine_predict"] = f"pointwise batch_size={pbs}"
     else:
         unknown = [d for d in tile if d not in dims]
         if unknown:
@@ -695,7 +811,11 @@ def predict(
             raise SpecError(f"tile={dict(tile)}: sizes must be >= 1")
         stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
         depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))
-        bs = int(config.get("predict.tile-batch-size", batch_size))
+        # on a GPU the batch comes from the device's free memory when not given (in the
+        # worker: engine.ml.device.auto_batch_size); on the CPU from the config
+        bs: int | None = (int(batch_size) if batch_size is not None else
+                          int(config.get("predict.tile-batch-size")) if device == "cpu"
+                          else None)
         k0 = len(others)
         xs = [a.transpose(*others, *tile_dims).data for a in arrays]
         in_chunks = xs[0].chunks
@@ -738,7 +858,7 @@ def predict(
         out_dims = others + [CHANNEL_DIM] + tile_dims
         attrs["engine_predict"] = (f"tile={dict(zip(tile_dims, size, strict=True))} stride="
                                    f"{dict(zip(tile_dims, stride, strict=True))} blend={blend} "
-                                   f"boundary={boundary} batch_size={bs}")
+                                   f"boundary={boundary} batch_size={bs or 'auto'}")
     if out_channels == 1:
         ax = out_dims.index(CHANNEL_DIM)
         y = y[(slice(None),) * ax + (0,)]
