@@ -244,7 +244,7 @@ def test_cube_with_other_dim_names_and_a_depth_dim(tmp_path, run_cli):
 def test_provenance_never_holds_credentials():
     from types import SimpleNamespace
 
-    from engine.pipelines.gapfill import _provenance, spec_fingerprint
+    from engine.pipelines.runner import provenance, spec_fingerprint
     from engine.pipelines.spec import parse_spec
 
     data = yaml.safe_load(open(os.path.join(ROOT, "jobs", "gapfill.yaml")))
@@ -256,7 +256,7 @@ def test_provenance_never_holds_credentials():
                                         "account_key": "azure-key-value"}
     spec = parse_spec(data)
     p = SimpleNamespace(ds=xr.Dataset(attrs={"engine_catalog": "https://u:pw-value@h/c.yaml"}))
-    prov = _provenance(spec, p, {"job": spec_fingerprint(spec), "input": "x"}, "h", {})
+    prov = provenance(spec, p, {"job": spec_fingerprint(spec), "input": "x"}, "h", "gap filling")
     text = json.dumps(prov)
     for secret in ("AKIAEXAMPLE", "s3cr3t-value", "tok-value", "p4ssword", "abcdef",
                    "azure-key-value", "pw-value"):
@@ -306,7 +306,7 @@ def test_mlflow_gets_redacted_params_and_a_usable_default_store(tmp_path, monkey
     import sys
     import types
 
-    from engine.pipelines.gapfill import _Tracker
+    from engine.pipelines.runner import _Tracker
     from engine.pipelines.spec import parse_spec
 
     calls = {}

@@ -164,17 +164,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"({spec.kind}) entry {spec.input.entry} at {entry.to_dict()['url']}")
         return 0
     plan = _plan(spec, args, must_resume=False)
-    p = plan.prepared
-    y, x = p.dims.horizontal
-    print(f"ok: {args.job} ({spec.kind}) target {spec.target} from {', '.join(spec.features)}; "
-          f"cube {dict(p.ds.sizes)} (y={y}, x={x}); output {plan.url} ({plan.action}); "
-          f"run folder {plan.run_dir}")
+    what = plan.describe() if plan is not None else "spec parsed (this kind plans in its run)"
+    print(f"ok: {args.job} ({spec.kind}) {what}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from engine.cluster import cluster_summary, connect
     from engine.pipelines.registry import get_kind
@@ -207,12 +203,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                             console=con, disable=args.quiet, transient=False)
         with report_cm, progress:
-            epochs = progress.add_task("training", total=spec.train.epochs, info="")
+            epochs = progress.add_task("training", total=getattr(plan, "epochs", None),
+                                       info="")
             regions: dict[str, Any] = {}
 
             def on_epoch(rec):
-                progress.update(epochs, advance=1,
-                                info=f"train {rec['train_loss']:.4f} val {rec['val_loss']:.4f}")
+                fold = f"fold {rec['fold']}: " if "fold" in rec else ""
+                progress.update(epochs, advance=1, info=f"{fold}train {rec['train_loss']:.4f} "
+                                                        f"val {rec['val_loss']:.4f}")
 
             def on_region(done, total, **_):
                 if "task" not in regions:
@@ -224,53 +222,48 @@ def cmd_run(args: argparse.Namespace) -> int:
                 restart=args.restart, client=client, on_epoch=on_epoch, on_region=on_region,
                 log=lambda s: progress.console.print(s))
             progress.update(epochs, total=progress.tasks[epochs].completed or 1)
-    m = res.metrics
-    t = Table(title=f"{spec.name}: test blocks ({m['test']['model']['n']:,} cells)")
-    for col in ("model", "RMSE", "MAE", "R2"):
-        t.add_column(col, justify="right" if col != "model" else "left")
-    for name in ("model", "ols", "train_mean"):
-        s = m["test"][name]
-        label = {"model": f"{spec.model.kind} ({', '.join(spec.features)})",
-                 "ols": "least squares", "train_mean": "training mean"}[name]
-        t.add_row(label, f"{s['rmse']:.4f}", f"{s['mae']:.4f}", f"{s['r2']:.4f}")
-    con.print(t)
-    tp = res.throughput
-    w = res.write
-    wall = time.perf_counter() - t0
-    summary = {
-        "output": res.output_url,
-        "run_dir": res.run_dir,
-        "files": res.files,
-        "cells_filled": m["cells_filled"],
-        "cells_out_of_range": m["cells_out_of_range"],
-        "regions_written": w.n_written,
-        "regions_skipped": w.n_skipped,
-        "trained": res.trained,
-        "wall_s": wall,
-        "cluster": info,
-        **tp,
-    }
-    con.print(f"output: {res.output_url}  (regions written {w.n_written}, "
-              f"skipped {w.n_skipped}); filled {m['cells_filled']:,} cells, "
-              f"{m['cells_out_of_range']:,} predictions outside the training range not filled")
-    con.print(f"run folder: {res.run_dir}  (metrics.json, map.png, loss.png, best.pt)")
-    rates = []
-    if res.trained and tp.get("train_samples_per_s"):
-        rates.append(f"train {tp['train_samples_per_s']:,.0f} samples/s")
-    if w.n_written and tp.get("output_pixels_per_s"):
-        rates.append(f"write {tp['output_pixels_per_s']:,.0f} output px/s, "
-                     f"{tp.get('mb_per_s_written') or 0:.1f} MB/s")
-    if not rates:
-        rates.append("nothing new to compute (resumed: model reused, every region finished)")
-    con.print(f"throughput: {'; '.join(rates)}; total {wall:.1f} s")
-    if not args.quiet and tp.get("phases") and (res.trained or w.n_written):
-        con.print(throughput_table(tp["phases"]))
+    summary = print_result(con, res, wall=time.perf_counter() - t0, quiet=args.quiet)
+    summary["cluster"] = info
     if args.report:
         with open(args.report + ".json", "w") as f:
             json.dump(summary, f, indent=2, default=str)
         con.print(f"report: {args.report} (dask performance report), {args.report}.json "
                   "(this summary)")
     return 0
+
+
+def print_result(con: Any, res: Any, *, wall: float, quiet: bool = False) -> dict[str, Any]:
+    """Print a :class:`engine.pipelines.job.JobResult`: the kind's table (one row per model
+    or baseline), where it wrote, the run folder and the throughput; return the summary
+    that ``--report PATH.json`` saves."""
+    from rich.table import Table
+
+    rep, tp, w = res.report, res.throughput, res.write
+    t = Table(title=rep.title)
+    for i, col in enumerate(rep.columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rep.rows:
+        t.add_row(*row)
+    con.print(t)
+    con.print("; ".join([f"output: {res.output_url}  (regions written {w.n_written}, "
+                         f"skipped {w.n_skipped})", *rep.notes]))
+    names = [os.path.basename(f) for f in res.files.values() if os.path.exists(f)]
+    con.print(f"run folder: {res.run_dir}  ({', '.join(names)})")
+    rates = []
+    if res.trained and tp.get("train_samples_per_s"):
+        rates.append(f"train {tp['train_samples_per_s']:,.0f} samples/s")
+    if w.n_written:
+        px = tp.get("output_pixels_per_s")
+        pixels = f"{px:,.0f} output px/s, " if px else ""
+        rates.append(f"write {pixels}{tp.get('mb_per_s_written') or 0:.1f} MB/s")
+    if not rates:
+        rates.append("nothing new to compute (resumed: model reused, every region finished)")
+    con.print(f"throughput: {'; '.join(rates)}; total {wall:.1f} s")
+    if not quiet and tp.get("phases") and (res.trained or w.n_written):
+        con.print(throughput_table(tp["phases"]))
+    return {"output": res.output_url, "run_dir": res.run_dir, "files": res.files,
+            **rep.summary, "regions_written": w.n_written, "regions_skipped": w.n_skipped,
+            "trained": res.trained, "wall_s": wall, **tp}
 
 
 def _check_writable_file(path: str, flag: str) -> None:

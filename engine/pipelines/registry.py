@@ -1,11 +1,14 @@
 """Job kinds are found by ``kind:`` through a registry that installed packages extend.
 
 A kind is a :class:`JobKind`: its name, a one-line summary, its spec dataclass and its run
-function. The engine's own kinds are listed here; another package adds one by exposing a
-``JobKind`` under the entry-point group ``cube_engine.jobs`` in its ``pyproject.toml``::
+function. A kind written on the job interface (:class:`engine.pipelines.job.Job`) gets
+one with ``MyJob().as_kind()``: run and plan are then the shared runner's. The engine's
+own kinds are listed in ``_BUILTIN`` here; another package adds one by exposing such a
+``JobKind`` (or a ``Job`` instance) under the entry-point group ``cube_engine.jobs`` in its
+``pyproject.toml``::
 
     [project.entry-points."cube_engine.jobs"]
-    mykind = "mypackage.jobs:MY_KIND"
+    mykind = "mypackage.jobs:JOB"
 
 Entry points name installed code, which the engine trusts like any import; a job file only
 selects among installed kinds by name, it never names code.
@@ -41,10 +44,13 @@ class JobKind:
     #: without a cluster (cube, destinations, resume identity); its result is handed to
     #: ``run(..., plan=)``. None: the kind checks inside ``run``.
     plan: Callable[..., Any] | None = None
+    #: The :class:`engine.pipelines.job.Job` behind ``run`` and ``plan``, if any.
+    job: Any = None
 
 
 #: The engine's own kinds, as ``module:attribute`` so listing them imports no torch.
-_BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB"}
+_BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
+            "segment": "engine.pipelines.segment:JOB"}
 
 
 def _load(target: str) -> Any:
@@ -64,11 +70,21 @@ def job_kinds() -> dict[str, JobKind]:
             raise SpecError(f"job kind {ep.name!r} from entry point {ep.value} cannot be "
                             f"loaded ({type(err).__name__}: {err}); fix or uninstall the "
                             "package that provides it") from None
+        kind = _as_kind(kind, ep.value)
         if not isinstance(kind, JobKind):
             raise SpecError(f"entry point {ep.value} (group {ENTRY_POINT_GROUP}) is not an "
                             "engine.pipelines.registry.JobKind")
         kinds[ep.name] = kind
     return kinds
+
+
+def _as_kind(obj: Any, source: str) -> Any:
+    """A :class:`engine.pipelines.job.Job` instance as its registry entry; others as given."""
+    from engine.pipelines.job import Job
+
+    if isinstance(obj, Job):
+        return obj.as_kind(source=source.partition(":")[0])
+    return obj
 
 
 def get_kind(name: str) -> JobKind:

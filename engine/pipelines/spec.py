@@ -20,11 +20,13 @@ from typing import Any, Literal
 from engine.errors import SpecError
 
 __all__ = [
+    "JobSpecBase",
     "InputSpec",
     "SplitSpec",
     "ModelSpec",
     "TrainSpec",
     "OutputSpec",
+    "GapFillOutputSpec",
     "TrackingSpec",
     "GapFillSpec",
     "load_job",
@@ -72,14 +74,37 @@ class TrainSpec:
     patience: int = 10
     min_delta: float = 0.0
 
+    def check(self) -> None:
+        """Ranges of the ``train`` section (one line naming the field)."""
+        t = self
+        if not 1 <= t.epochs <= MAX_EPOCHS:
+            raise SpecError(f"train.epochs must be in [1, {MAX_EPOCHS}], got {t.epochs}")
+        if not 1 <= t.batch_size <= MAX_BATCH_SIZE:
+            raise SpecError(f"train.batch_size must be in [1, {MAX_BATCH_SIZE}], got "
+                            f"{t.batch_size}")
+        if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
+            raise SpecError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+        if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay)):
+            raise SpecError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        if not 1 <= t.patience <= MAX_EPOCHS:
+            raise SpecError(f"train.patience must be in [1, {MAX_EPOCHS}], got {t.patience}")
+        if not (t.min_delta >= 0 and math.isfinite(t.min_delta)):
+            raise SpecError(f"train.min_delta must be >= 0, got {t.min_delta}")
+
 
 @dataclass(frozen=True)
 class OutputSpec:
+    """Where a job writes: the store, its run folder and the map step of the plots."""
+
     url: str
     #: Run folder (checkpoint, metrics, plots); default: ``<store name>.run`` beside the store.
     dir: str | None = None
     storage_options: dict[str, Any] | None = None
     plot_time: int = 0
+
+
+@dataclass(frozen=True)
+class GapFillOutputSpec(OutputSpec):
     #: Predictions outside [min, max] of the training target, widened by this share of its
     #: range on each side, are not written as fills (``filled_flag`` 2 = out of range).
     fill_margin: float = 0.0
@@ -92,15 +117,38 @@ class TrackingSpec:
     experiment: str = "cube-engine"
 
 
+class JobSpecBase:
+    """What every job kind's spec shares (a mixin of the kind's frozen dataclass, which
+    declares ``name``, ``input``, ``output``, ``seed`` and ``base_dir: str = "."``)."""
+
+    base_dir: str
+
+    def resolve(self, path: str) -> str:
+        """Resolve a path of the spec against the job file's directory (URLs untouched)."""
+        if "://" in path or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self.base_dir, path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d.pop("base_dir")
+        return d
+
+    def check(self) -> None:
+        """Checks that need no cube, run by :func:`parse_spec`; a kind extends it (calling
+        ``super().check()``) and raises :class:`SpecError` naming the field."""
+        _check_common(self)
+
+
 @dataclass(frozen=True)
-class GapFillSpec:
+class GapFillSpec(JobSpecBase):
     """A gap-filling job: predict ``target`` from ``features`` where the target is missing."""
 
     name: str
     input: InputSpec
     target: str
     features: list[str]
-    output: OutputSpec
+    output: GapFillOutputSpec
     kind: Literal["gapfill"] = "gapfill"
     mask: str | None = None
     split: SplitSpec = field(default_factory=SplitSpec)
@@ -111,16 +159,9 @@ class GapFillSpec:
     #: Directory of the job file; relative catalog paths resolve against it.
     base_dir: str = "."
 
-    def resolve(self, path: str) -> str:
-        """Resolve a path of the spec against the job file's directory (URLs untouched)."""
-        if "://" in path or os.path.isabs(path):
-            return path
-        return os.path.normpath(os.path.join(self.base_dir, path))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("base_dir")
-        return d
+    def check(self) -> None:
+        super().check()
+        _check_gapfill(self)
 
 
 #: Upper bounds of sizes a spec may ask for: a typo must not allocate the machine away.
@@ -235,16 +276,35 @@ def parse_spec(data: dict[str, Any], base_dir: str = ".") -> Any:
     spec = _build(get_kind(kind).spec, data)
     if "base_dir" in {f.name for f in dataclasses.fields(spec)}:
         spec = dataclasses.replace(spec, base_dir=base_dir)
-    if isinstance(spec, GapFillSpec):
-        _check_semantics(spec)
+    if isinstance(spec, JobSpecBase):
+        spec.check()
     return spec
 
 
-def _check_semantics(spec: GapFillSpec) -> None:
-    """Ranges and sizes that need no cube; the cube-dependent checks run in ``prepare``."""
+def _check_common(spec: Any) -> None:
+    """What every kind's spec must satisfy: a safe name, a seed, an output store, the
+    ``input.dims`` roles and the ``train`` ranges where the kind has a ``train`` section."""
     if not _SAFE_NAME.match(spec.name) or spec.name.strip(".") == "":
         raise SpecError(f"name {spec.name!r} must be one safe path component (letters, digits, "
                         "'.', '_', '-'; no '/', no leading '.'), e.g. gapfill-coads-mlp")
+    if not 0 <= spec.seed < 2**63:
+        raise SpecError(f"seed must be in [0, 2**63), got {spec.seed}")
+    o = spec.output
+    if not o.url:
+        raise SpecError("output.url must name the output store, e.g. runs/NAME/out.zarr")
+    if getattr(o, "plot_time", 0) < 0:
+        raise SpecError(f"output.plot_time must be >= 0, got {o.plot_time}")
+    if spec.input.dims:
+        bad = [k for k in spec.input.dims if k not in ("y", "x", "time", "vertical")]
+        if bad:
+            raise SpecError(f"input.dims keys {bad}: use y, x, time, vertical")
+    if isinstance(getattr(spec, "train", None), TrainSpec):
+        spec.train.check()
+
+
+def _check_gapfill(spec: GapFillSpec) -> None:
+    """Gap filling's ranges and sizes that need no cube; the cube-dependent checks run in
+    ``prepare``."""
     s = spec.split
     for name, v in (("split.test_fraction", s.test_fraction),
                     ("split.validation_fraction", s.validation_fraction)):
@@ -256,9 +316,8 @@ def _check_semantics(spec: GapFillSpec) -> None:
                 raise SpecError(f"{name}.{dim} must be >= {low}, got {v}")
     if s.method == "block" and not s.blocks:
         raise SpecError("split.blocks must name at least one dimension, e.g. {lat: 10, lon: 10}")
-    for name, v in (("split.seed", s.seed), ("seed", spec.seed)):
-        if not 0 <= v < 2**63:
-            raise SpecError(f"{name} must be in [0, 2**63), got {v}")
+    if not 0 <= s.seed < 2**63:
+        raise SpecError(f"split.seed must be in [0, 2**63), got {s.seed}")
     if not spec.features:
         raise SpecError("features must list at least one variable")
     if len(set(spec.features)) != len(spec.features):
@@ -268,19 +327,6 @@ def _check_semantics(spec: GapFillSpec) -> None:
         raise SpecError(f"target {spec.target!r} is also listed in features; remove it there")
     if spec.mask is not None and spec.mask in (spec.target, *spec.features):
         raise SpecError(f"mask {spec.mask!r} is also the target or a feature; use a mask variable")
-    t = spec.train
-    if not 1 <= t.epochs <= MAX_EPOCHS:
-        raise SpecError(f"train.epochs must be in [1, {MAX_EPOCHS}], got {t.epochs}")
-    if not 1 <= t.batch_size <= MAX_BATCH_SIZE:
-        raise SpecError(f"train.batch_size must be in [1, {MAX_BATCH_SIZE}], got {t.batch_size}")
-    if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
-        raise SpecError(f"train.learning_rate must be > 0, got {t.learning_rate}")
-    if not (t.weight_decay >= 0 and math.isfinite(t.weight_decay)):
-        raise SpecError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    if not 1 <= t.patience <= MAX_EPOCHS:
-        raise SpecError(f"train.patience must be in [1, {MAX_EPOCHS}], got {t.patience}")
-    if not (t.min_delta >= 0 and math.isfinite(t.min_delta)):
-        raise SpecError(f"train.min_delta must be >= 0, got {t.min_delta}")
     m = spec.model
     if m.kind == "mlp":
         if not m.hidden or min(m.hidden) < 1:
@@ -294,17 +340,9 @@ def _check_semantics(spec: GapFillSpec) -> None:
             raise SpecError(f"model.hidden {m.hidden} gives {n_params:,} parameters, more than "
                             f"{MAX_PARAMETERS:,}: use narrower or fewer layers")
     o = spec.output
-    if o.plot_time < 0:
-        raise SpecError(f"output.plot_time must be >= 0, got {o.plot_time}")
     if not (0 <= o.fill_margin <= 1):
         raise SpecError(f"output.fill_margin must be in [0, 1] (a share of the training target "
                         f"range), got {o.fill_margin}")
-    if not o.url:
-        raise SpecError("output.url must name the output store, e.g. runs/NAME/filled.zarr")
-    if spec.input.dims:
-        bad = [k for k in spec.input.dims if k not in ("y", "x", "time", "vertical")]
-        if bad:
-            raise SpecError(f"input.dims keys {bad}: use y, x, time, vertical")
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

@@ -112,12 +112,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "in_range = (prediction >= lo) & (prediction <= hi)",
            "in_range = prediction == prediction",
            ("tests/test_gapfill.py::test_no_fill_outside_the_training_range",)),
-    Mutant("gapfill: input content not in the resume identity", "engine/pipelines/gapfill.py",
+    Mutant("runner: input content not in the resume identity", "engine/pipelines/runner.py",
            'ident["input"] = store_identity(p.input_url, so)', "pass",
            ("tests/test_gapfill_trust.py::"
             "test_changed_input_values_are_refused_then_restart_recomputes",)),
-    Mutant("gapfill: run folder shared by every store in a folder",
-           "engine/pipelines/gapfill.py",
+    Mutant("runner: run folder shared by every store in a folder",
+           "engine/pipelines/runner.py",
            'return url, os.path.join(os.path.dirname(path), f"{stem}.run")',
            "return url, os.path.dirname(path)",
            ("tests/test_gapfill_trust.py::"
