@@ -58,12 +58,11 @@ def test_unfold_windows_is_the_window_grid():
     assert w.data_ptr() == x.data_ptr()  # a view, no copy
 
 
-def test_to_device_stacks_channels_and_fills_nan_on_the_cpu():
-    a = np.array([[1.0, np.nan]], np.float32)
-    b = np.array([[3.0, 4.0]], np.float32)
-    t = to_device([a, b], torch.device("cpu"), axis=1, fill_value=-1.0)
-    assert t.shape == (1, 2, 2) and t.dtype == torch.float32
-    np.testing.assert_array_equal(to_host(t), [[[1, -1], [3, 4]]])
+def test_to_device_fills_nan_on_the_cpu():
+    a = np.array([[1.0, np.nan], [3.0, 4.0]], np.float64)
+    t = to_device(a, torch.device("cpu"), fill_value=-1.0)
+    assert t.shape == (2, 2) and t.dtype == torch.float32
+    np.testing.assert_array_equal(to_host(t), [[1, -1], [3, 4]])
 
 
 def test_resolve_device_and_slots():

@@ -126,28 +126,22 @@ def _is_cupy(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
-def to_device(arrays: Sequence[Any], dev: torch.device, *, axis: int = 0,
-              fill_value: float | None = None) -> torch.Tensor:
-    """Stack ``arrays`` (numpy or cupy, same shape) along a new ``axis`` as one float32
-    tensor on ``dev``.
+def to_device(x: Any, dev: torch.device, *, fill_value: float | None = None) -> torch.Tensor:
+    """``x`` (numpy or cupy) as a float32 tensor on ``dev``.
 
-    numpy input on a CUDA device: stacked once into a pinned host buffer and copied
-    ``non_blocking`` on the current stream (the caller syncs before reading on the
-    host). cupy input stays on the device (DLPack, no host round trip). ``fill_value``
+    numpy input on a CUDA device: copied once into a pinned host buffer (torch's caching
+    host allocator reuses them) and on to the device ``non_blocking`` on the current
+    stream. cupy input stays on the device (DLPack, no host round trip). ``fill_value``
     replaces NaN, on the device.
     """
-    if any(_is_cupy(a) for a in arrays):
-        t = torch.stack([torch.from_dlpack(a).to(dev, torch.float32) for a in arrays], axis)
+    if _is_cupy(x):
+        t = torch.from_dlpack(x).to(dev, torch.float32)
     elif dev.type == "cuda":
-        shape = list(arrays[0].shape)
-        shape.insert(axis % (len(shape) + 1), len(arrays))
-        host = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-        h = host.numpy()
-        for j, a in enumerate(arrays):
-            h[(slice(None),) * axis + (j,)] = a
+        host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        host.numpy()[...] = x
         t = host.to(dev, non_blocking=True)
     else:
-        t = torch.from_numpy(np.stack([np.asarray(a, np.float32) for a in arrays], axis))
+        t = torch.from_numpy(np.asarray(x, np.float32))
     if fill_value is not None:
         t = torch.nan_to_num(t, nan=float(fill_value), posinf=float("inf"),
                              neginf=float("-inf"))

@@ -60,12 +60,9 @@ from torch import nn
 from engine import config, meter
 from engine.errors import CubeError, SpecError
 from engine.kernels.windows import (
-    blend_depth,
     gaussian_weights,
-    grid_padding,
     overlap_add,
     pad_kwargs,
-    pad_widths,
 )
 from engine.ml.device import (
     auto_batch_size,
@@ -78,6 +75,7 @@ from engine.ml.device import (
     to_host,
     unfold_windows,
 )
+from engine.ops.tiled import crop_blocks, gather_blocks, plan_tiles
 
 __all__ = [
     "predict",
@@ -405,7 +403,8 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...],
                    bounds: tuple[tuple[int, ...], ...] = (),
                    real: tuple[tuple[int, int], ...] = (),
                    block_id: tuple[int, ...] | None = None) -> Any:
-    """One halo-extended block ``(*others, *ext)`` per channel -> ``(*others, out, *ext)``.
+    """One halo-extended block ``(*others, C, *ext)`` (all channels, float32, from
+    :func:`engine.ops.tiled.gather_blocks`) and the model -> ``(*others, out, *ext)``.
 
     Local index 0 of the block is a grid point (block boundaries are multiples of the
     stride in the padded array), so the block runs every full window of its local grid.
@@ -414,17 +413,18 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...],
     On a CUDA device the whole block runs there (:func:`_tiles_on_device`).
     """
     t0 = time.perf_counter()
-    *blocks, payload = args
+    block, payload = args
     k = len(tile)
-    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
+    others, n_in, ext = block.shape[:-k - 1], block.shape[-k - 1], tuple(block.shape[-k:])
     m_count = math.prod(others)
+    block = block.reshape(m_count, n_in, *ext)
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
     run = _tiles_on_device if dev.type == "cuda" else _tiles_on_host
     with block_lock, torch.inference_mode():
-        out = run(blocks, model, payload.digest, dev, step_lock, tile=tile, stride=stride,
+        out = run(block, model, payload.digest, dev, step_lock, tile=tile, stride=stride,
                   counts=counts, batch_size=batch_size, blend=blend,
                   out_channels=out_channels, precision=precision, fill_value=fill_value)
     pixels = m_count
@@ -435,7 +435,7 @@ def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...],
     else:
         pixels *= math.prod(ext)
     meter.record("predict", items=m_count * math.prod(counts), pixels=pixels,
-                 bytes_read=sum(int(b.nbytes) for b in blocks),
+                 bytes_read=int(block.nbytes),
                  seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
     return out.reshape(*others, out_channels, *ext)
 
@@ -450,7 +450,7 @@ def _check_out(out: Any, n: int, out_channels: int, tile: tuple[int, ...]) -> An
     return out
 
 
-def _tiles_on_host(blocks: list, model: nn.Module, digest: str, dev: torch.device,
+def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
                    step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
                    counts: tuple[int, ...], batch_size: int | None, blend: str,
                    out_channels: int, precision: str, fill_value: float | None) -> Any:
@@ -461,15 +461,12 @@ def _tiles_on_host(blocks: list, model: nn.Module, digest: str, dev: torch.devic
     never over windows; memory holds one slab's windows, not the block's."""
     from engine.kernels.windows import window_view
 
-    xp = _namespace(blocks[0])
+    xp = _namespace(x)
     k = len(tile)
-    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
-    m_count = math.prod(others)
+    m_count, n_in, ext = x.shape[0], x.shape[1], tuple(x.shape[2:])
     bs = int(batch_size or config.get("predict.tile-batch-size"))
-    x = xp.stack([xp.asarray(b, dtype=xp.float32) for b in blocks], axis=len(others))
-    x = x.reshape(m_count, len(blocks), *ext)
     if fill_value is not None:
-        x[xp.isnan(x)] = fill_value
+        x = xp.where(xp.isnan(x), xp.float32(fill_value), x)
     win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
     weights = gaussian_weights(tile) if blend == "gaussian" else None
     if weights is not None and xp is not np:
@@ -480,9 +477,9 @@ def _tiles_on_host(blocks: list, model: nn.Module, digest: str, dev: torch.devic
     for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
         r = min(rows, counts[0] - i0)
         # (C, r, *rest_counts, *tile) view -> (r, *rest_counts, C, *tile), one copy
-        cut = xp.empty((r, *counts[1:], len(blocks), *tile), xp.float32)
+        cut = xp.empty((r, *counts[1:], n_in, *tile), xp.float32)
         cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
-        cut = cut.reshape(r * rest, len(blocks), *tile)
+        cut = cut.reshape(r * rest, n_in, *tile)
         preds = xp.empty((r * rest, out_channels, *tile), xp.float32)
         for b0 in range(0, r * rest, bs):
             batch = cut[b0:b0 + bs]
@@ -516,7 +513,7 @@ def _device_const(key: tuple, make: Callable[[], np.ndarray], dev: torch.device)
     return t
 
 
-def _tiles_on_device(blocks: list, model: nn.Module, digest: str, dev: torch.device,
+def _tiles_on_device(block: Any, model: nn.Module, digest: str, dev: torch.device,
                      step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
                      counts: tuple[int, ...], batch_size: int | None, blend: str,
                      out_channels: int, precision: str, fill_value: float | None) -> Any:
@@ -530,13 +527,10 @@ def _tiles_on_device(blocks: list, model: nn.Module, digest: str, dev: torch.dev
     threads' blocks, their copies and their host work overlap this one.
     """
     k = len(tile)
-    others, ext = blocks[0].shape[:-k], tuple(blocks[0].shape[-k:])
-    m_count = math.prod(others)
-    n_in = len(blocks)
+    m_count, n_in, ext = block.shape[0], block.shape[1], tuple(block.shape[2:])
     stream = thread_stream(dev)
     with torch.cuda.stream(stream):
-        x = to_device([b.reshape(m_count, *ext) for b in blocks], dev, axis=1,
-                      fill_value=fill_value)  # (M, C, *ext)
+        x = to_device(block, dev, fill_value=fill_value)  # (M, C, *ext)
         acc = torch.zeros((m_count, out_channels, *ext), device=dev, dtype=torch.float32)
         rest = math.prod(counts[1:])
         if rest and counts[0]:
@@ -567,7 +561,7 @@ def _tiles_on_device(blocks: list, model: nn.Module, digest: str, dev: torch.dev
         wsum = _device_const(("wsum", ext, tile, stride, blend),
                              lambda: _block_weight_sum(ext, tile, stride, blend), dev)
         acc /= wsum
-        return to_host(acc, like=blocks[0])
+        return to_host(acc, like=block)
 
 
 def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
@@ -634,35 +628,6 @@ def _inputs(obj: xr.Dataset | xr.DataArray, variables: Sequence[str] | None,
         a = a.transpose(*dims)
         out.append(a if isinstance(a.data, da.Array) else a.chunk())
     return out
-
-
-def _aligned_chunks(chunks: Sequence[int], shift: int, total: int, step: int,
-                    minimum: int) -> tuple:
-    """Chunks of a padded axis of ``total`` with internal boundaries on multiples of
-    ``step``, each chunk at least ``minimum``, as close as possible to the original
-    boundaries (``chunks`` of the unpadded axis, shifted by the padding ``shift``)."""
-    minimum = -(-max(step, minimum) // step) * step
-    out, last = [], 0
-    for b in np.cumsum(chunks)[:-1]:
-        r = int(round((b + shift) / step)) * step
-        if r - last >= minimum and total - r >= minimum:
-            out.append(r - last)
-            last = r
-    out.append(total - last)
-    return tuple(out)
-
-
-def _pad(x: da.Array, axis: int, before: int, after: int, boundary: Any) -> da.Array:
-    """Pad ``axis`` like ``np.pad`` (:func:`engine.kernels.windows.pad_array`); a reflect pad
-    wider than the axis goes in steps (``da.pad`` would silently pad less)."""
-    kw = pad_kwargs(boundary)
-    if kw["mode"] == "reflect" and x.shape[axis] == 1:
-        kw = {"mode": "edge"}  # numpy's rule for a one-pixel axis
-    for b, a in pad_widths(x.shape[axis], before, after, kw["mode"]):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (b, a)
-        x = da.pad(x, widths, **kw)
-    return x
 
 
 def _check_boundary(boundary: Any) -> None:
@@ -810,7 +775,6 @@ def predict(
         if min(size) < 1:
             raise SpecError(f"tile={dict(tile)}: sizes must be >= 1")
         stride = tuple(max(1, int(round(t * (1 - overlap)))) for t in size)
-        depth = tuple(blend_depth(t, s) for t, s in zip(size, stride, strict=True))
         # on a GPU the batch comes from the device's free memory when not given (in the
         # worker: engine.ml.device.auto_batch_size); on the CPU from the config
         bs: int | None = (int(batch_size) if batch_size is not None else
@@ -819,47 +783,32 @@ def predict(
         k0 = len(others)
         xs = [a.transpose(*others, *tile_dims).data for a in arrays]
         in_chunks = xs[0].chunks
-        # the global grid: same margin past both edges (engine.kernels.windows.grid_padding)
-        plans = [grid_padding(xs[0].shape[k0 + j], t, s)
-                 for j, (t, s) in enumerate(zip(size, stride, strict=True))]
-        target = list(in_chunks[:k0])
-        for j, (pl, s, d) in enumerate(zip(plans, stride, depth, strict=True)):
-            padded = pl.before + xs[0].shape[k0 + j] + pl.after
-            target.append(_aligned_chunks(in_chunks[k0 + j], pl.before, padded, s, d))
-        data = []
-        for x in xs:
-            for j, pl in enumerate(plans):
-                x = _pad(x, k0 + j, pl.before, pl.after, boundary)
-            data.append(x.rechunk(tuple(target)))
-        # Halos only between blocks ("none" at the true edges): the padded array holds the
-        # whole grid from its index 0, so no off-grid window is ever run.
-        ov_depth = {k0 + j: d for j, d in enumerate(depth)}
-        ov_bnd = dict.fromkeys(ov_depth, "none")
-        ext = [da.overlap.overlap(x, depth=ov_depth, boundary=ov_bnd) for x in data]
-        chunks = ext[0].chunks[:k0] + ((out_channels,),) + ext[0].chunks[k0:]
-        bounds = tuple(tuple(int(v) for v in np.cumsum((0,) + c)) for c in target[k0:])
-        real = tuple((pl.before, pl.before + xs[0].shape[k0 + j]) for j, pl in enumerate(plans))
+        xs = [xs[0]] + [x.rechunk(in_chunks) for x in xs[1:]]
+        # the global grid: same margin past both edges (engine.kernels.windows.grid_padding),
+        # blocks cut at multiples of the stride near the input's chunk boundaries
+        plan = plan_tiles(xs[0].shape[k0:], in_chunks[k0:], size, stride)
         params = {"tile": size, "stride": stride, "batch_size": bs, "blend": blend,
-                  "bounds": bounds, "real": real, **common}
-        token = dask.base.tokenize("tiles", [x.name for x in ext], [x.name for x in xs],
-                                   in_chunks, payload.digest, str(boundary),
-                                   type(boundary).__name__, sorted(params.items()))
+                  "bounds": plan.bounds, "real": plan.real, **common}
+        token = dask.base.tokenize("tiles", [x.name for x in xs], in_chunks, payload.digest,
+                                   str(boundary), type(boundary).__name__,
+                                   sorted(params.items()))
+        # one task per padded, halo-extended block with all channels (engine.ops.tiled):
+        # the padded array holds the whole grid from its index 0, so no off-grid window
+        # is ever run, and halos exist only between blocks
+        ext = gather_blocks(xs, plan, boundary, f"windows-{token}")
+        chunks = ext.chunks[:k0] + ((out_channels,),) + ext.chunks[k0 + 1:]
         with annotate:
-            y = da.map_blocks(_predict_tiles, *ext, payload_key, new_axis=k0, chunks=chunks,
+            y = da.map_blocks(_predict_tiles, ext, payload_key, chunks=chunks,
                               dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
                               name=f"predict-tiles-{token}", **params)
-        # trim with the SAME boundary as the overlap, else the outer halos stay (dask docs)
-        y_depth = {k0 + 1 + j: d for j, d in enumerate(depth)}
-        y_bnd = dict.fromkeys(y_depth, "none")
-        y = da.overlap.trim_internal(y, y_depth, boundary=y_bnd)
-        y = y[(slice(None),) * (k0 + 1) + tuple(slice(lo, hi) for lo, hi in real)]
-        # back to the input's chunking, so the output writes and merges next to its input
-        y = y.rechunk(in_chunks[:k0] + ((out_channels,),) + in_chunks[k0:])
-        out_dims = others + [CHANNEL_DIM] + tile_dims
+        # the blocks' cores, cut back to the input's chunking (one task per chunk), so the
+        # output writes and merges next to its input
+        y = crop_blocks(y, plan, in_chunks, f"crop-{token}", squeeze=out_channels == 1)
+        out_dims = others + ([CHANNEL_DIM] if out_channels > 1 else []) + tile_dims
         attrs["engine_predict"] = (f"tile={dict(zip(tile_dims, size, strict=True))} stride="
                                    f"{dict(zip(tile_dims, stride, strict=True))} blend={blend} "
                                    f"boundary={boundary} batch_size={bs or 'auto'}")
-    if out_channels == 1:
+    if out_channels == 1 and CHANNEL_DIM in out_dims:
         ax = out_dims.index(CHANNEL_DIM)
         y = y[(slice(None),) * ax + (0,)]
         out_dims.remove(CHANNEL_DIM)

@@ -1,0 +1,68 @@
+"""engine.ops.tiled: the padded, halo-extended blocks of tiled predict, one task each."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.kernels.windows import pad_array
+from engine.ops.tiled import crop_blocks, gather_blocks, padded_source_index, plan_tiles
+
+BOUNDARIES = ("reflect", "nearest", "constant", 2.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), before=st.integers(0, 30), after=st.integers(0, 30),
+       mode=st.sampled_from(["reflect", "edge", "constant"]))
+def test_source_index_is_np_pad(n, before, after, mode):
+    x = np.arange(n) + 10
+    want = np.pad(x, (before, after), mode=mode if n > 1 or mode != "reflect" else "edge")
+    idx = padded_source_index(0, before + n + after, before, n, mode)
+    got = np.where(idx >= 0, x[np.maximum(idx, 0)], 0)
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_gathered_blocks_are_the_padded_array_cut_with_halos(data):
+    """Every gathered block equals the same range of the array padded by np.pad, for
+    random shapes, chunkings, tiles, strides and boundaries; cropping the blocks' cores
+    gives back the input's chunking."""
+    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 40)),
+             data.draw(st.integers(1, 40)))
+    tile = tuple(data.draw(st.integers(1, 12)) for _ in range(2))
+    stride = tuple(data.draw(st.integers(1, t)) for t in tile)
+    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
+    boundary = data.draw(st.sampled_from(BOUNDARIES))
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    values = [rng.random(shape, dtype=np.float32) for _ in range(data.draw(st.integers(1, 3)))]
+    xs = [da.from_array(v, chunks=chunks) for v in values]
+    plan = plan_tiles(shape[1:], xs[0].chunks[1:], tile, stride)
+    pads = [(0, 0)] + [(p.before, p.after) for p in plan.pads]
+    padded = np.stack([pad_array(v, pads, boundary) for v in values], axis=1)
+    ext = gather_blocks(xs, plan, boundary, "g-test")
+    with dask.config.set(scheduler="sync"):
+        for b0 in range(len(plan.bounds[0]) - 1):
+            for b1 in range(len(plan.bounds[1]) - 1):
+                (lo0, hi0), (lo1, hi1) = plan.extent(0, b0), plan.extent(1, b1)
+                for t in range(len(xs[0].chunks[0])):
+                    t0 = sum(xs[0].chunks[0][:t])
+                    block = ext.blocks[t, 0, b0, b1].compute()
+                    want = padded[t0:t0 + xs[0].chunks[0][t], :, lo0:hi0, lo1:hi1]
+                    np.testing.assert_array_equal(block, want)
+        # cores of the blocks, cropped back: the padded array's real part, input chunks
+        out = crop_blocks(ext, plan, xs[0].chunks, "c-test", squeeze=False)
+        assert out.chunks[2:] == xs[0].chunks[1:]
+        (r0, r1), (q0, q1) = plan.real
+        np.testing.assert_array_equal(out.compute(), padded[:, :, r0:r1, q0:q1])
+
+
+def test_one_task_per_block_not_a_hundred():
+    x = da.zeros((8, 512, 512), chunks=(1, 512, 512))
+    plan = plan_tiles((512, 512), x.chunks[1:], (64, 64), (32, 32))
+    ext = gather_blocks([x, x, x], plan, "reflect", "g-count")
+    layer = ext.__dask_graph__().layers["g-count"]
+    assert len(layer) == 8
