@@ -21,6 +21,7 @@ BENCHMARKS = {
     "gapfill": "benchmarks.bench_gapfill",
     "write": "benchmarks.bench_write",
     "scaling": "benchmarks.bench_scaling",
+    "gpu": "benchmarks.bench_gpu",
 }
 
 #: What each ratio compares (engine vs baseline); ratio > 1 means the engine is better.

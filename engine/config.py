@@ -22,6 +22,13 @@ with open(_fn) as f:
 
 dask.config.update_defaults(defaults)
 
+# Worker resources (predict's ``GPU`` annotation) live on high-level graph layers, and
+# dask's low-level task fusion turns the optimised array graph into a plain dict, so the
+# distributed scheduler never sees them: inference tasks then run on workers without a
+# GPU, and a GPU worker takes any number at once. Blockwise fusion (which keeps
+# annotations) still runs. A user's own setting of this key wins.
+dask.config.update_defaults({"optimization": {"fuse": {"active": False}}})
+
 
 def get(key: str, override: Any = None) -> Any:
     """Return ``engine.<key>`` from dask.config unless ``override`` is given."""

@@ -91,8 +91,9 @@ CHANNEL_DIM = "channel"
 _CHANNEL_NAMES = ("variable", "channel", "band", "feature")
 _SLAB_WINDOWS = 1024  # windows cut, predicted and blended at once inside a block
 _DEFAULT_TILE: Mapping[str, int] = {"lat": 64, "lon": 64}
-_PRECISIONS = {"auto": "auto", "fp32": None, "float32": None, "bf16": torch.bfloat16,
-               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_PRECISIONS = {"auto": "auto", "fp32": None, "float32": None, "tf32": "tf32",
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+               "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,10 @@ def _load(payload: _Payload, device: torch.device) -> nn.Module:
             model = torch.jit.load(buf, map_location="cpu")
     else:  # bytes produced by serialize_model in this job, never from a file
         model = torch.load(buf, map_location="cpu", weights_only=False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device.type == "cuda":  # other threads use it on their own streams: copy done
+        torch.cuda.synchronize(device)
+    return model
 
 
 def _get_model(payload: _Payload, device: torch.device) -> nn.Module:
@@ -321,6 +325,8 @@ def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractCo
         raise RuntimeError("predict(device='cuda') but this worker has no CUDA device: use "
                            "device='auto' or start GPU workers") from None
     if dev.type == "cuda":
+        # fixed window shapes: let cuDNN time its algorithms once per shape
+        torch.backends.cudnn.benchmark = bool(config.get("predict.cudnn-benchmark"))
         return dev, gpu_semaphore(dev)
     worker = _in_worker()
     if worker is None:
@@ -355,7 +361,14 @@ def _locks(dev: torch.device, lock: Any) -> tuple[Any, Any]:
 
 
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``dev``. On CUDA ``"fp32"`` also turns
+    TF32 off for convolutions and matrix products in this process (cuDNN uses TF32 for
+    float32 convolutions by default: a 10-bit mantissa, ~1e-3 relative error), and
+    ``"tf32"`` turns it on."""
     choice = _PRECISIONS[precision]
+    if dev.type == "cuda" and choice in (None, "tf32"):
+        torch.backends.cudnn.allow_tf32 = choice == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = choice == "tf32"
     dtype = (torch.bfloat16 if dev.type == "cuda" else None) if choice == "auto" else choice
     if not isinstance(dtype, torch.dtype):
         return contextlib.nullcontext()
@@ -508,6 +521,8 @@ def _device_const(key: tuple, make: Callable[[], np.ndarray], dev: torch.device)
         t = _DEVICE_CONST.get(full)
         if t is None:
             t = _DEVICE_CONST[full] = torch.from_numpy(np.array(make())).to(dev)
+            if dev.type == "cuda":  # read by every thread's stream: the copy must be done
+                torch.cuda.current_stream(dev).synchronize()
             while len(_DEVICE_CONST) > 32:
                 _DEVICE_CONST.popitem(last=False)
     return t
@@ -647,13 +662,14 @@ def predict(
     batch_size: int | None = None,
     blend: Literal["gaussian", "mean"] = "gaussian",
     device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto",
     out_channels: int = 1,
     output_name: str = "prediction",
     boundary: Any = "reflect",
     channel_dim: str | None = None,
     fill_value: float | None = None,
     allow_torchscript: bool = False,
+    resources: Mapping[str, float] | None = None,
 ) -> xr.DataArray:
     """Run a torch model blockwise over a cube; returns a lazy DataArray.
 
@@ -691,7 +707,8 @@ def predict(
         On a CUDA device a block's windows are cut, run and blended on the device, with
         one copy in and one copy out per block (none for cupy-backed cubes).
     precision
-        ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"``, ``"fp16"``.
+        ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"fp32"`` (on CUDA without
+        TF32, so it matches the CPU), ``"tf32"``, ``"bf16"``, ``"fp16"``.
     out_channels
         Model output channels; more than one adds a ``"channel"`` dim.
     boundary
@@ -705,6 +722,9 @@ def predict(
         pixels give NaN; in tiled mode NaN propagates through the model.
     allow_torchscript
         Load a TorchScript file given as ``model``. Off by default: TorchScript is code.
+    resources
+        Worker resources each inference task asks for (dask annotations). Default:
+        ``{"GPU": 1/n}`` for ``device="cuda"`` (see ``device``), none otherwise.
 
     Returns
     -------
@@ -725,7 +745,7 @@ def predict(
     """
     arrays = _inputs(obj, variables, channel_dim)
     if precision not in _PRECISIONS:
-        raise SpecError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
+        raise SpecError(f"precision={precision!r}: use auto, fp32, tf32, bf16 or fp16")
     if blend not in ("gaussian", "mean"):
         raise SpecError(f"blend={blend!r}: use 'gaussian' or 'mean'")
     if out_channels < 1:
@@ -743,7 +763,9 @@ def predict(
               "fill_value": fill_value}
     gpu = device.startswith("cuda")
     # a share of a GPU worker's GPU=1 resource: gpu_slots() blocks run at once per GPU
-    annotate = (dask.annotate(resources={"GPU": 1 / gpu_slots()}) if gpu
+    if resources is None and gpu:
+        resources = {"GPU": 1 / gpu_slots()}
+    annotate = (dask.annotate(resources=dict(resources)) if resources
                 else contextlib.nullcontext())
     attrs = {"engine_model_hash": payload.digest, "engine_model_format": payload.kind}
     out_dims: list[Any]
