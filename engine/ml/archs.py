@@ -26,7 +26,8 @@ from engine.errors import SpecError
 from engine.ml.registry import register_architecture
 
 __all__ = ["ConvNet", "UNetSmall", "conv_net", "unet_small", "unet", "BasicBlock", "ResNet18",
-           "resnet18", "Normalized", "segmentation_loss", "classification_loss", "load_weights"]
+           "resnet18", "Normalized", "TileBroadcast", "segmentation_loss", "classification_loss",
+           "load_weights"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU,
@@ -224,6 +225,20 @@ class Normalized(nn.Module):
         return out
 
 
+class TileBroadcast(nn.Module):
+    """A tile classifier ``(B, C, H, W) -> (B, K)`` as a dense model: its softmax class
+    probabilities spread over every pixel of the tile ``(B, K, H, W)``, so
+    :func:`engine.predict` runs it blockwise on a tile grid (``overlap=0``)."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.classifier(x), dim=1)
+        return p[:, :, None, None].expand(-1, -1, x.shape[-2], x.shape[-1])
+
+
 def segmentation_loss(kind: str = "bce", pos_weight: float | None = None) -> Any:
     """Loss of binary segmentation on logits ``(B, 1, H, W)`` against 0/1 labels: binary
     cross-entropy (document 003), or ``"bce_dice"``: BCE + (1 - soft Dice) over the batch.
@@ -251,8 +266,9 @@ def segmentation_loss(kind: str = "bce", pos_weight: float | None = None) -> Any
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of class logits ``(B, C)`` against integer labels ``(B,)``."""
-    return nn.functional.cross_entropy(logits, y.reshape(-1).long())
+    """Cross-entropy of class logits ``(B, C)`` against integer labels ``(B,)``; labels
+    -100 (tiles of no listed class) do not count."""
+    return nn.functional.cross_entropy(logits, y.reshape(-1).long(), ignore_index=-100)
 
 
 def load_weights(module: nn.Module, path: str) -> None:

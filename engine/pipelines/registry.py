@@ -50,7 +50,8 @@ class JobKind:
 
 #: The engine's own kinds, as ``module:attribute`` so listing them imports no torch.
 _BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
-            "segment": "engine.pipelines.segment:JOB"}
+            "segment": "engine.pipelines.segment:JOB",
+            "classify": "engine.pipelines.classify:JOB"}
 
 
 def _load(target: str) -> Any:

@@ -1,0 +1,482 @@
+"""Tile classification (document 002's image classification) with geographic folds.
+
+Each non-overlapping tile of ``patches.size`` x ``patches.size`` cells gets the class that
+covers most of it (the majority of ``label.variable``, ties to the lower code); a
+ResNet-18 trained from scratch (:class:`engine.ml.archs.ResNet18`; no pretrained weights
+are downloaded, ``model.weights`` loads a user's state_dict) predicts it from the input
+bands. The folds are the segmentation job's ``split.k`` contiguous longitude sectors:
+training tiles lie wholly in the fold's training longitudes (a buffer of at least one
+tile from the test sector), a tile belongs to the test sector that holds its centre.
+Every fold is scored (accuracy, macro-F1, confusion matrix) against the majority-class
+baseline of its own training tiles.
+
+The output store is on the tile grid (tile-centre ``lat``/``lon``): ``label`` and
+``predicted`` (class codes), ``probability`` (of the predicted class) and ``fold``; the
+predictions run blockwise through :func:`engine.predict` with the classifier spread over
+its tile (:class:`engine.ml.archs.TileBroadcast`, ``overlap=0``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+
+from engine.errors import CubeError, SpecError
+from engine.pipelines._segcommon import (
+    Fold,
+    FoldEpochs,
+    GeoFoldSpec,
+    InferenceSpec,
+    PatchSpec,
+    check_common_patch_spec,
+    check_cube,
+    count_patches,
+    fit_fold,
+    fold_region,
+    folds_hash,
+    geo_folds,
+    load_state,
+    multiclass_scores,
+    save_state,
+    summary,
+)
+from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
+from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
+
+__all__ = ["ClassifySpec", "ClassLabelSpec", "ClassifyModelSpec", "ClassifyTrainSpec",
+           "ClassifyJob", "tile_majority", "JOB"]
+
+_IGNORE = -100  # target of a tile whose majority is not a listed class (not scored)
+
+
+@dataclass(frozen=True)
+class ClassLabelSpec:
+    """The classes: codes of ``variable``; the majority code of a tile is its class."""
+
+    variable: str = "landcover"
+    #: Class codes, in the order of the model's outputs (default: IGBP 0..16).
+    classes: list[int] = field(default_factory=lambda: list(range(17)))
+
+
+@dataclass(frozen=True)
+class ClassifyModelSpec:
+    architecture: Literal["resnet18"] = "resnet18"
+    #: Channels of the first stage (64: the published ResNet-18).
+    width: int = 64
+    #: "imagenet": 7x7 stride-2 stem with max pooling; "small": 3x3 stride 1 (small tiles).
+    stem: Literal["imagenet", "small"] = "imagenet"
+    #: A state_dict file (of the ResNet-18, or a fold checkpoint of this kind) that every
+    #: fold starts from; null: from scratch.
+    weights: str | None = None
+    #: With weights: false evaluates them as they are, with no training.
+    fine_tune: bool = True
+
+
+@dataclass(frozen=True)
+class ClassifyTrainSpec(TrainSpec):
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    patience: int = 4
+
+
+@dataclass(frozen=True)
+class ClassifySpec(JobSpecBase):
+    """A tile classification job: one ResNet-18 per geographic fold."""
+
+    name: str
+    input: InputSpec
+    output: OutputSpec
+    kind: Literal["classify"] = "classify"
+    features: list[str] = field(default_factory=lambda: ["red", "green", "blue", "relief"])
+    label: ClassLabelSpec = field(default_factory=ClassLabelSpec)
+    patches: PatchSpec = field(default_factory=lambda: PatchSpec(size=64, random_share=0.0))
+    split: GeoFoldSpec = field(default_factory=GeoFoldSpec)
+    model: ClassifyModelSpec = field(default_factory=ClassifyModelSpec)
+    train: ClassifyTrainSpec = field(default_factory=ClassifyTrainSpec)
+    predict: InferenceSpec = field(default_factory=InferenceSpec)
+    device: str = "auto"
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    seed: int = 0
+    base_dir: str = "."
+
+    def check(self) -> None:
+        super().check()
+        check_common_patch_spec(self)
+        c = self.label.classes
+        if len(c) < 2 or len(set(c)) != len(c) or not all(0 <= v <= 254 for v in c):
+            raise SpecError(f"label.classes must list two or more distinct codes in [0, 254], "
+                            f"got {c}")
+        if not 4 <= self.model.width <= 256:
+            raise SpecError(f"model.width must be in [4, 256], got {self.model.width}")
+        if not self.model.fine_tune and not self.model.weights:
+            raise SpecError("model.fine_tune: false evaluates model.weights without training: "
+                            "give model.weights too")
+
+
+@dataclass(kw_only=True)
+class ClassifyPrepared(Prepared):
+    y: str
+    x: str
+    work: xr.Dataset
+
+
+@dataclass(kw_only=True)
+class ClassifyTrained(Trained):
+    baselines: list[int] = field(default_factory=list)
+
+
+def tile_majority(codes: np.ndarray) -> np.ndarray:
+    """Majority code of each tile ``(n, h, w)`` (ties: the lower code), int64 ``(n,)``.
+
+    >>> tile_majority(np.array([[[3, 3], [5, 1]], [[2, 4], [4, 2]]]))
+    array([3, 2])
+    """
+    c = np.asarray(codes).reshape(len(codes), -1).astype(np.int64)
+    counts = np.zeros((len(c), int(c.max(initial=0)) + 1), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(len(c)), c.shape[1]), c.ravel()), 1)
+    return counts.argmax(axis=1)
+
+
+def _mode_reduce(x: np.ndarray, axis: tuple[int, ...]) -> np.ndarray:
+    """``coarsen(...).reduce`` function: majority over the two window axes."""
+    moved = np.moveaxis(x, axis, (-2, -1))
+    lead = moved.shape[:-2]
+    flat = moved.reshape(-1, moved.shape[-2], moved.shape[-1])
+    return tile_majority(flat).reshape(lead).astype(x.dtype)
+
+
+class _Targets:
+    """Tile targets from the code channel: class index of the majority, -100 otherwise."""
+
+    def __init__(self, classes: list[int]) -> None:
+        self.lut = np.full(256, _IGNORE, np.int64)
+        self.lut[classes] = np.arange(len(classes))
+
+    def __call__(self, extra: np.ndarray) -> np.ndarray:
+        return self.lut[np.clip(tile_majority(extra[:, 0]), 0, 255)]
+
+
+class ClassifyJob(Job):
+    name = "classify"
+    summary = ("ResNet-18 tile classification (majority class per tile) with geographic "
+               "k-fold cross-validation against the majority-class baseline (document 002)")
+    title = "tile classification"
+    spec = ClassifySpec
+
+    def prepare(self, spec: ClassifySpec) -> ClassifyPrepared:
+        base = open_input(spec)
+        ds = base.ds
+        check_cube(ds, spec.features, spec.label.variable)
+        lab = ds[spec.label.variable]
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise CubeError(f"label.variable {spec.label.variable!r} is {lab.dtype}, not class "
+                            "codes: name an integer class variable (e.g. landcover)")
+        y, x = (str(d) for d in lab.dims)
+        for d in (y, x):
+            if 2 * spec.patches.size > ds.sizes[d]:
+                raise SpecError(f"patches.size {spec.patches.size} leaves fewer than two tiles "
+                                f"along {d} ({ds.sizes[d]} cells): use smaller tiles")
+        work = ds[spec.features].assign(__code=lab.astype(np.float32))
+        p = ClassifyPrepared(**vars(base), y=y, x=x, work=work)
+        if spec.model.weights:  # a bad weights file is one line before anything is written
+            self._load_user_weights(self._model(spec, len(spec.features)), spec)
+        return p
+
+    @staticmethod
+    def _load_user_weights(model: Any, spec: ClassifySpec) -> None:
+        """``model.weights`` into ``model``: a checkpoint of this kind (statistics
+        included) or a state_dict of the ResNet-18 alone."""
+        from engine.ml.archs import load_weights
+
+        assert spec.model.weights is not None
+        path = spec.resolve(spec.model.weights)
+        try:
+            load_weights(model, path)
+        except SpecError:
+            load_weights(model.core, path)
+
+    def split(self, p: ClassifyPrepared) -> list[Fold]:  # type: ignore[override]
+        s = p.spec
+        buffer = s.split.buffer if s.split.buffer is not None else s.patches.size
+        return geo_folds(p.ds, s.label.variable, s.split.k, buffer, s.split.validation,
+                         s.patches.size)[2]
+
+    def describe(self, p: ClassifyPrepared) -> str:  # type: ignore[override]
+        s = p.spec
+        return (f"classify {s.patches.size}x{s.patches.size} tiles into {len(s.label.classes)} "
+                f"classes of {s.label.variable} from {', '.join(s.features)}; {s.split.k} "
+                f"longitude folds; cube {dict(p.ds.sizes)}")
+
+    def _model(self, spec: ClassifySpec, n_in: int) -> Any:
+        from engine.ml.archs import Normalized
+        from engine.ml.registry import build_architecture
+
+        core = build_architecture(spec.model.architecture, in_channels=n_in,
+                                  out_channels=len(spec.label.classes),
+                                  width=spec.model.width, stem=spec.model.stem)
+        return Normalized(core, n_in)
+
+    def train(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
+              ctx: RunContext) -> ClassifyTrained:
+        from engine.ml.archs import classification_loss
+        from engine.ml.train import seed_everything
+        from engine.ops.sampling import region_statistics, sample_patches
+
+        spec: ClassifySpec = p.spec
+        nf = len(spec.features)
+        names = [f"fold{f.number}.pt" for f in folds]
+        if ctx.previous is not None:
+            models = []
+            for name in names:
+                m = self._model(spec, nf)
+                load_state(m, ctx.path(name))
+                m.eval()  # as fit leaves a trained model
+                models.append(m)
+            ctx.log(f"resuming: reusing the {len(models)} fold models in {ctx.run_dir}")
+            return ClassifyTrained(model=models, info=ctx.previous,
+                                   model_hash=folds_hash(models), checkpoints=names,
+                                   fresh=False, baselines=ctx.previous["baselines"])
+        t = spec.patches.size
+        size = {p.y: t, p.x: t}
+        stride = spec.patches.stride or t
+        targets = _Targets(spec.label.classes)
+        variables = [*spec.features, "__code"]
+        models, records, resources, baselines = [], [], [], []
+        total_samples, total_seconds = 0, 0.0
+        for f, name in zip(folds, names, strict=True):
+            train_r = fold_region(p.ds, p.x, f.train)
+            val_r = fold_region(p.ds, p.x, f.val)
+            seed = spec.seed + 1000 * f.number
+            common = dict(size=size, stride=stride, seed=seed, batch_size=spec.train.batch_size,
+                          cache=True, client=ctx.client)
+            train_s = sample_patches(p.work, variables, train_r, shuffle=True, **common)
+            val_s = sample_patches(p.work, variables, val_r, shuffle=False, **common)
+            resources += [train_s, val_s]
+            # the majority baseline: the most frequent class of the training tiles
+            hist = np.zeros(len(spec.label.classes), np.int64)
+            for b in train_s:
+                tt = targets(b.data[:, nf:])
+                hist += np.bincount(tt[tt >= 0], minlength=len(hist))
+            n_val = count_patches(val_s)
+            if hist.sum() == 0 or n_val == 0:
+                raise SpecError(f"fold {f.number}: {int(hist.sum())} training and {n_val} "
+                                "validation tiles: use smaller tiles (patches.size) or a "
+                                "smaller split.buffer")
+            baselines.append(int(spec.label.classes[int(hist.argmax())]))
+            seed_everything(seed)  # the initial weights too are a function of the seed
+            model = self._model(spec, nf)
+            mean, std, n_px = region_statistics(p.work, spec.features, train_r)
+            model.set_statistics(mean, std)
+            if spec.model.weights:
+                self._load_user_weights(model, spec)
+            record: dict[str, Any] = {"fold": f.number, "n_train_tiles": int(hist.sum()),
+                                      "n_val_tiles": n_val, "n_train_cells": n_px,
+                                      "class_counts": hist.tolist(),
+                                      "baseline_class": baselines[-1]}
+            if spec.model.fine_tune:
+                res = fit_fold(model, train_s, val_s, nf, targets, classification_loss,
+                               spec.train, spec.device, seed, FoldEpochs(ctx, f.number))
+                model = res.model
+                total_samples += res.samples
+                total_seconds += res.seconds
+                record.update(best_epoch=res.best_epoch, epochs_run=len(res.history),
+                              stopped_early=res.stopped_early, seconds=res.seconds,
+                              samples_per_s=res.samples_per_s, history=res.history)
+            model.eval()
+            ctx.log(f"fold {f.number}: {int(hist.sum())} training, {n_val} validation tiles; "
+                    f"majority class {baselines[-1]}")
+            save_state(model, ctx.path(name))
+            models.append(model)
+            records.append(record)
+        info = {"folds": records, "baselines": baselines, "samples": total_samples,
+                "seconds": total_seconds,
+                "samples_per_s": total_samples / total_seconds if total_seconds else None}
+        return ClassifyTrained(model=models, info=info, model_hash=folds_hash(models),
+                               checkpoints=names, fresh=True, baselines=baselines,
+                               resources=resources)
+
+    def predict(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
+                trained: Trained, ctx: RunContext) -> xr.Dataset:
+        from engine.ml.archs import TileBroadcast
+        from engine.ml.predict import predict
+
+        spec: ClassifySpec = p.spec
+        t = spec.patches.size
+        n = p.ds.sizes[p.x]
+        n_tiles = n // t
+        classes = np.array(spec.label.classes)
+        tile_fold = np.full(n_tiles, -1, np.int8)
+        parts = []
+        for f, model in zip(folds, trained.model, strict=True):
+            model.output = "logits"
+            centres = np.arange(n_tiles) * t + t // 2
+            mine = np.flatnonzero((centres >= f.lo) & (centres < f.hi))
+            if mine.size == 0:
+                continue
+            tile_fold[mine] = f.number
+            j0, j1 = int(mine[0]), int(mine[-1]) + 1
+            sub = p.ds[spec.features].isel({p.x: slice(j0 * t, j1 * t)})
+            probs = predict(sub, TileBroadcast(model), variables=spec.features,
+                            tile={p.y: t, p.x: t}, overlap=0.0, blend="mean",
+                            batch_size=spec.predict.batch_size, device=spec.device,
+                            precision=spec.predict.precision,
+                            out_channels=len(classes), output_name="probabilities",
+                            boundary="reflect")
+            parts.append(probs)
+        pix = xr.concat(parts, dim=p.x)
+        # every pixel of a tile holds the tile's probabilities: the mean is the tile's
+        tiles = pix.coarsen({p.y: t, p.x: t}, boundary="trim").mean()
+        chan = str([d for d in tiles.dims if d not in (p.y, p.x)][0])
+        idx = tiles.argmax(chan)
+        codes8 = classes.astype(np.uint8)
+        predicted = idx.copy(data=idx.data.map_blocks(lambda a: codes8[a], dtype=np.uint8))
+        probability = tiles.max(chan).astype(np.float32)
+        label = p.ds[spec.label.variable].isel({p.x: slice(0, n_tiles * t)})
+        label = label.coarsen({p.y: t, p.x: t}, boundary="trim").reduce(_mode_reduce)
+        label = label.astype(np.uint8)
+        grid = probability
+        fold = xr.DataArray(tile_fold, dims=(p.x,)).broadcast_like(grid).transpose(*grid.dims)
+        chunks = {d: -1 for d in grid.dims}
+        out = xr.Dataset({
+            "label": label.drop_vars(chan, errors="ignore").chunk(chunks),
+            "predicted": predicted.drop_vars(chan, errors="ignore").chunk(chunks),
+            "probability": probability.chunk(chunks),
+            "fold": fold.chunk(chunks).astype(np.int8),
+        })
+        codes = list(map(int, classes))
+        meanings = _meanings(p.ds, spec.label.variable, codes)
+        out["label"].attrs = {"long_name": f"majority {spec.label.variable} class of the "
+                                           f"{t}x{t}-cell tile",
+                              "flag_values": codes, "flag_meanings": meanings}
+        out["predicted"].attrs = {"long_name": "class predicted out of fold (ResNet-18)",
+                                  "flag_values": codes, "flag_meanings": meanings}
+        out["probability"].attrs = {"long_name": "softmax probability of the predicted class",
+                                    "units": "1", "valid_range": [0.0, 1.0]}
+        out["fold"].attrs = {"long_name": "fold whose test sector holds the tile centre",
+                             "flag_values": list(range(len(folds))),
+                             "flag_meanings": " ".join(f"fold_{f.number}" for f in folds)}
+        for d in (p.y, p.x):
+            if d in p.ds.coords:
+                out[d].attrs = {**p.ds[d].attrs, "comment": f"centre of {t}-cell tiles"}
+        out.attrs.update({
+            "engine_split": json.dumps({"method": "geo_kfold", "k": spec.split.k,
+                                        "tile": t, "sectors": [[f.lo, f.hi] for f in folds]}),
+            "engine_label_variable": spec.label.variable,
+            "engine_architecture": f"{spec.model.architecture} width {spec.model.width} "
+                                   f"stem {spec.model.stem}",
+        })
+        return out
+
+    def evaluate(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
+                 trained: Trained, written: xr.Dataset, ctx: RunContext) -> dict[str, Any]:
+        spec: ClassifySpec = p.spec
+        classes = list(spec.label.classes)
+        index = {c: i for i, c in enumerate(classes)}
+        lab = written["label"].values.ravel()
+        pred = written["predicted"].values.ravel()
+        fold = written["fold"].values.ravel()
+        baselines = getattr(trained, "baselines", None) or trained.info["baselines"]
+        rows = []
+        for f in folds:
+            sel = (fold == f.number) & np.isin(lab, classes)
+            conf = np.zeros((len(classes), len(classes)), np.int64)
+            for a, b in zip(lab[sel], pred[sel], strict=True):
+                conf[index[int(a)], index[int(b)]] += 1
+            base = np.zeros_like(conf)
+            base[:, index[baselines[f.number]]] = conf.sum(axis=1)
+            m, bm = multiclass_scores(conf), multiclass_scores(base)
+            rows.append({"fold": f.number, "n_tiles": m["n_tiles"], "accuracy": m["accuracy"],
+                         "macro_f1": m["macro_f1"], "baseline_class": baselines[f.number],
+                         "baseline_accuracy": bm["accuracy"],
+                         "baseline_macro_f1": bm["macro_f1"],
+                         "classes_present": m["classes_present"],
+                         "confusion": conf.tolist()})
+        keys = ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1")
+        pooled = multiclass_scores(np.sum([r["confusion"] for r in rows], axis=0))
+        return {
+            "job": spec.name, "kind": "classify",
+            "classes": classes,
+            "class_names": _meanings(p.ds, spec.label.variable, classes).split(),
+            "tile": spec.patches.size,
+            "folds": rows,
+            "summary": summary(rows, keys),
+            "pooled": {k: pooled[k] for k in ("accuracy", "macro_f1", "n_tiles")},
+            "model_hash": trained.model_hash,
+            "training": [{k: v for k, v in r.items() if k != "history"}
+                         for r in trained.info.get("folds", [])],
+        }
+
+    def report(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
+               trained: Trained, metrics: dict[str, Any], written: xr.Dataset,
+               ctx: RunContext) -> Report:
+        spec: ClassifySpec = p.spec
+        rows = [[str(r["fold"]), str(r["n_tiles"]), _f(r["accuracy"]), _f(r["macro_f1"]),
+                 _f(r["baseline_accuracy"]), _f(r["baseline_macro_f1"])]
+                for r in metrics["folds"]]
+        s = metrics["summary"]
+        rows.append(["mean±std", "", *(f"{_f(s[k]['mean'])}±{_f(s[k]['std'])}"
+                                       for k in ("accuracy", "macro_f1", "baseline_accuracy",
+                                                 "baseline_macro_f1"))])
+        files = {}
+        for r in metrics["folds"]:
+            path = ctx.path(f"confusion_fold{r['fold']}.png")
+            _plot_confusion(np.array(r["confusion"]), metrics["classes"], path,
+                            f"{spec.name} fold {r['fold']}: accuracy {_f(r['accuracy'])}, "
+                            f"macro-F1 {_f(r['macro_f1'])}")
+            files[f"confusion_fold{r['fold']}"] = path
+            jpath = ctx.path(f"confusion_fold{r['fold']}.json")
+            with open(jpath, "w") as fh:
+                json.dump({"fold": r["fold"], "classes": metrics["classes"],
+                           "rows": "true class", "columns": "predicted class",
+                           "confusion": r["confusion"]}, fh)
+            files[f"confusion_fold{r['fold']}_json"] = jpath
+        notes = [f"majority-class baseline: accuracy {_f(s['baseline_accuracy']['mean'])}, "
+                 f"macro-F1 {_f(s['baseline_macro_f1']['mean'])} (the most frequent class of "
+                 "each fold's training tiles)"]
+        return Report(title=f"{spec.name}: {spec.patches.size}x{spec.patches.size} tiles, "
+                            f"{len(spec.label.classes)} classes, {spec.split.k} geographic folds",
+                      columns=["fold", "tiles", "accuracy", "macro_f1", "baseline_acc",
+                               "baseline_f1"], rows=rows, notes=notes, files=files,
+                      summary={"accuracy_mean": s["accuracy"]["mean"],
+                               "macro_f1_mean": s["macro_f1"]["mean"]})
+
+
+def _f(v: Any) -> str:
+    return "nan" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def _meanings(ds: xr.Dataset, variable: str, classes: list[int]) -> str:
+    attrs = ds[variable].attrs
+    names = dict(zip([int(v) for v in np.atleast_1d(attrs.get("flag_values", []))],
+                     str(attrs.get("flag_meanings", "")).split(), strict=False))
+    return " ".join(names.get(c, f"class_{c}") for c in classes)
+
+
+def _plot_confusion(conf: np.ndarray, classes: list[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    norm = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i, j in zip(*np.nonzero(conf), strict=True):
+        ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=6,
+                color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes], fontsize=7)
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (tile majority)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of the true class")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+JOB = ClassifyJob().as_kind()
