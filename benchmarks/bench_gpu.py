@@ -24,7 +24,8 @@ absolute error over the reference's largest absolute value). GPU utilisation sam
 through NVML (``engine.ml.device.GpuSampler``) during predict and predict -> write.
 
 ``ratios.<model>_<precision>_predict_vs_raw`` etc. are the engine's tiles/s over the
-pinned-copy raw loop's. Without a CUDA device the default and large sizes are skipped
+pinned-copy raw loop's. ``BENCH_GPU_ONLY=bf16`` (a precision, a model, or
+``model:precision``) runs a subset. Without a CUDA device the default and large sizes are skipped
 with the reason; ``tiny`` then runs the same code on the CPU (so it never rots).
 """
 
@@ -300,8 +301,11 @@ def run(size: str = "default") -> dict[str, Any]:
             gpu_names = list(client.run(lambda: __import__("torch").cuda.get_device_name(0)
                                         if __import__("torch").cuda.is_available()
                                         else "cpu").values())
+            only = os.environ.get("BENCH_GPU_ONLY", "")  # e.g. "bf16" or "unet_b64_d3"
             for mname, arch in cfg["models"].items():
                 for precision in cfg["precisions"]:
+                    if only and only not in (mname, precision, f"{mname}:{precision}"):
+                        continue
                     model = _model(arch, dev)
                     row: dict[str, Any] = {"model": mname, "architecture": {"unet_small": arch},
                                            "precision": precision, "batch": cfg["batch"],

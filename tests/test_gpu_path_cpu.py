@@ -98,3 +98,22 @@ def test_inference_spreads_over_gpu_workers_four_blocks_each():
             assert max(_Recorder.peak.values()) >= 2, "the blocks of a GPU worker never overlapped"
             for w in workers:
                 client.sync(w.close)
+
+
+def test_write_regions_take_a_smaller_gpu_share_than_inference_blocks():
+    """A region task reads, predicts, encodes and stores; it asks for 1/8 of a GPU
+    worker (write.gpu-regions-per-gpu) where an inference block asks for 1/4, so
+    reading and encoding of other regions overlap the forward passes."""
+    import dask
+
+    from engine.io.writer.distributed import fused
+    from engine.io.writer.tasks import pack
+
+    ds = synthetic_cube({"time": 2, "lat": 64, "lon": 64}, chunks={"time": 1})
+    out = P.predict(ds, _net(), tile=TILE, device="cuda").to_dataset()
+    region = fused(pack(out.isel(time=slice(0, 1))))
+    assert region is not None and region.resources == {"GPU": 0.125}
+    with dask.config.set({"engine.write.gpu-regions-per-gpu": 2}):
+        assert fused(pack(out.isel(time=slice(0, 1)))).resources == {"GPU": 0.25}
+    cpu = P.predict(ds, _net(), tile=TILE, device="cpu").to_dataset()
+    assert fused(pack(cpu.isel(time=slice(0, 1)))).resources == {}

@@ -29,6 +29,15 @@ def lift_bytes() -> int:
     return writer._LIFT_BYTES
 
 
+def gpu_regions() -> int:
+    """Regions in flight per GPU worker (config ``write.gpu-regions-per-gpu``, a power of
+    two, so the resource fractions add up exactly)."""
+    n = int(config.get("write.gpu-regions-per-gpu"))
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"engine.write.gpu-regions-per-gpu={n}: use a power of two")
+    return n
+
+
 def _literal_nbytes(value: Any) -> int:
     for attr in ("nbytes", "data"):
         v = getattr(value, attr, None)
@@ -67,6 +76,13 @@ def fused(packed: dict[str, tuple[tuple[str, ...], Any]]) -> FusedRegion | None:
     for _, a in packed.values():
         for layer in a.__dask_graph__().layers.values():
             resources.update((layer.annotations or {}).get("resources", {}))
+    if "GPU" in resources:
+        # A region task reads, predicts, encodes and stores: it needs the device only
+        # for part of its time. It asks for a smaller share of a GPU worker than an
+        # inference task does, so more regions are in flight than blocks on the device
+        # (bounded in the worker by engine.ml.device.gpu_semaphore): reading the next
+        # region and encoding the last one overlap the forward passes.
+        resources["GPU"] = min(float(resources["GPU"]), 1 / gpu_regions())
     arrays = [a for _, a in packed.values()]
     keys = {k for a in arrays for k in da.core.flatten(a.__dask_keys__())}
     graph = dict(HighLevelGraph.merge(*[a.__dask_graph__() for a in arrays]).cull(keys))
