@@ -419,9 +419,9 @@ class ClassifyJob(Job):
                  _f(r["baseline_accuracy"]), _f(r["baseline_macro_f1"])]
                 for r in metrics["folds"]]
         s = metrics["summary"]
-        rows.append(["mean±std", "", *(f"{_f(s[k]['mean'])}±{_f(s[k]['std'])}"
-                                       for k in ("accuracy", "macro_f1", "baseline_accuracy",
-                                                 "baseline_macro_f1"))])
+        keys = ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1")
+        rows.append(["mean", "", *(_f(s[k]["mean"]) for k in keys)])
+        rows.append(["std", "", *(_f(s[k]["std"]) for k in keys)])
         files = {}
         for r in metrics["folds"]:
             path = ctx.path(f"confusion_fold{r['fold']}.png")
@@ -440,8 +440,8 @@ class ClassifyJob(Job):
                  "each fold's training tiles)"]
         return Report(title=f"{spec.name}: {spec.patches.size}x{spec.patches.size} tiles, "
                             f"{len(spec.label.classes)} classes, {spec.split.k} geographic folds",
-                      columns=["fold", "tiles", "accuracy", "macro_f1", "baseline_acc",
-                               "baseline_f1"], rows=rows, notes=notes, files=files,
+                      columns=["fold", "tiles", "accuracy", "macro-F1", "majority acc",
+                               "majority F1"], rows=rows, notes=notes, files=files,
                       summary={"accuracy_mean": s["accuracy"]["mean"],
                                "macro_f1_mean": s["macro_f1"]["mean"]})
 

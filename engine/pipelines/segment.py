@@ -382,13 +382,13 @@ class SegmentJob(Job):
                trained: Trained, metrics: dict[str, Any], written: xr.Dataset,
                ctx: RunContext) -> Report:
         spec: SegmentSpec = p.spec
-        rows = [[str(r["fold"]), f"{r['lon_min']:.1f}..{r['lon_max']:.1f}",
+        rows = [[str(r["fold"]), f"{r['lon_min']:.0f}..{r['lon_max']:.0f}",
                  str(r["n_patches"] if r["n_patches"] is not None else "-"),
-                 f"{r['n_pixels']:,}", *(_fmt(r[k]) for k in _SCORES)]
+                 *(_fmt(r[k]) for k in _SCORES)]
                 for r in metrics["folds"]]
         s = metrics["summary"]
-        rows.append(["mean±std", "", "", "", *(f"{_fmt(s[k]['mean'])}±{_fmt(s[k]['std'])}"
-                                               for k in _SCORES)])
+        rows.append(["mean", "", "", *(_fmt(s[k]["mean"]) for k in _SCORES)])
+        rows.append(["std", "", "", *(_fmt(s[k]["std"]) for k in _SCORES)])
         files = {}
         for f in folds:
             files[f"map_fold{f.number}"] = _plot_fold(written, f, p.y, p.x, spec,
@@ -405,7 +405,7 @@ class SegmentJob(Job):
                  f"{_fmt(s['iou']['mean'])}±{_fmt(s['iou']['std'])}"]
         return Report(title=f"{spec.name}: {spec.split.k} geographic folds, label "
                             f"{spec.label.variable} in {spec.label.classes}",
-                      columns=["fold", "lon", "patches", "pixels", *_SCORES],
+                      columns=["fold", "lon", "patches", "acc", "IoU", "prec", "recall", "F1"],
                       rows=rows, notes=notes, files=files,
                       summary={"iou_mean": s["iou"]["mean"], "iou_std": s["iou"]["std"]})
 
