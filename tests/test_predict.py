@@ -372,3 +372,23 @@ def test_benchmark_figures_on_the_tiny_size():
     assert torch.get_num_threads() == threads
     assert res["tiled"]["tiles_run"] == 2 * grid_padding(128, 32, 16).windows ** 2 == 162
     assert res["tiled"]["ratio"] > 0 and res["pointwise"]["pixels"] == 2 * 128 * 128
+
+
+def test_serialising_an_unchanged_model_again_is_free_and_a_changed_one_is_not():
+    """predict() twice with the same registered-architecture module reuses its payload;
+    an optimiser step, load_state_dict or an in-place edit makes a new one."""
+    from engine.ml.registry import build_architecture
+
+    net = build_architecture("conv_net", in_channels=3, hidden=4, layers=2)
+    first = serialize_model(net)
+    assert serialize_model(net) is first
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    stepped = serialize_model(net)
+    assert stepped is not first and stepped.digest != first.digest
+    with torch.no_grad():
+        next(net.parameters()).fill_(0.5)
+    assert serialize_model(net).digest not in (first.digest, stepped.digest)
+    net.load_state_dict(torch.load(io.BytesIO(first.data), weights_only=True))
+    assert serialize_model(net).digest == first.digest

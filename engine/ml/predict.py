@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -192,6 +193,21 @@ def _quiet_jit() -> Any:
         yield
 
 
+#: Payload of each registered-architecture module, with the tensor versions it was made
+#: from: a second predict() with an unchanged model skips saving, hashing and checking
+#: its weights again (0.25 s for a 31 MB UNet).
+_MODULE_PAYLOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tensor_versions(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, moved or modified in place:
+    torch bumps a tensor's version counter on every in-place change (an optimiser step,
+    ``load_state_dict``, ``fill_``)."""
+    return tuple((name, t.data_ptr(), t._version, str(t.device), t.dtype, tuple(t.shape))
+                 for name, t in itertools.chain(model.named_parameters(),
+                                                model.named_buffers()))
+
+
 def serialize_model(model: Any, *, allow_torchscript: bool = False) -> _Payload:
     """Serialise ``model`` once (see :func:`predict` for the accepted forms).
 
@@ -230,8 +246,14 @@ def serialize_model(model: Any, *, allow_torchscript: bool = False) -> _Payload:
     if isinstance(model, nn.Module):
         arch = getattr(model, "_engine_architecture", None)
         if arch is not None:
+            key = (repr(arch), _tensor_versions(model))
+            cached = _MODULE_PAYLOADS.get(model)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            return _state_dict_payload(state, arch[0], arch[1])
+            payload = _state_dict_payload(state, arch[0], arch[1])
+            _MODULE_PAYLOADS[model] = (key, payload)
+            return payload
         import cloudpickle
 
         # By value for classes defined in scripts/notebooks, by reference otherwise.
