@@ -29,7 +29,7 @@ from engine.pipelines.spec import MAX_EPOCHS, InputSpec, OutputSpec, TrainSpec
 __all__ = ["GeoFoldSpec", "PatchSpec", "InferenceSpec", "Fold", "geo_folds", "fold_region",
            "fit_fold", "save_state", "load_state", "folds_hash", "binary_scores",
            "summary", "multiclass_scores", "check_common_patch_spec", "count_patches",
-           "check_cube", "FoldEpochs", "InputSpec", "OutputSpec", "TrainSpec"]
+           "check_cube", "open_patch_input", "FoldEpochs", "InputSpec", "OutputSpec", "TrainSpec"]
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,25 @@ def multiclass_scores(confusion: np.ndarray) -> dict[str, Any]:
             "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
             "n_tiles": int(c.sum()),
             "classes_present": [int(i) for i in np.flatnonzero(present)]}
+
+
+def open_patch_input(spec: Any) -> Any:
+    """:func:`engine.pipelines.job.open_input`, with the command that makes a missing
+    land-cover cube (``catalogs/data/landcover_<res>.zarr``) in the error."""
+    import re
+
+    from engine.errors import CatalogError
+    from engine.pipelines.job import open_input
+
+    try:
+        return open_input(spec)
+    except CatalogError as err:
+        found = re.search(r"(\S*landcover_(\d+)p(\d+)\.zarr) does not exist", str(err))
+        if not found:
+            raise
+        res = f"{found.group(2)}.{found.group(3)}"
+        raise CatalogError(f"{err}; make the land-cover cube first: python -m "
+                           f"engine.io.landcover --resolution {res} {found.group(1)}") from None
 
 
 def check_cube(ds: xr.Dataset, features: list[str], label: str) -> None:

@@ -41,10 +41,11 @@ from engine.pipelines._segcommon import (
     geo_folds,
     load_state,
     multiclass_scores,
+    open_patch_input,
     save_state,
     summary,
 )
-from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
+from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained
 from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
 
 __all__ = ["ClassifySpec", "ClassLabelSpec", "ClassifyModelSpec", "ClassifyTrainSpec",
@@ -169,7 +170,7 @@ class ClassifyJob(Job):
     spec = ClassifySpec
 
     def prepare(self, spec: ClassifySpec) -> ClassifyPrepared:
-        base = open_input(spec)
+        base = open_patch_input(spec)
         ds = base.ds
         check_cube(ds, spec.features, spec.label.variable)
         lab = ds[spec.label.variable]

@@ -46,10 +46,11 @@ from engine.pipelines._segcommon import (
     folds_hash,
     geo_folds,
     load_state,
+    open_patch_input,
     save_state,
     summary,
 )
-from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
+from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained
 from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
 
 __all__ = ["SegmentSpec", "LabelSpec", "SegmentModelSpec", "SegmentTrainSpec", "SegmentJob",
@@ -170,7 +171,7 @@ class SegmentJob(Job):
 
     # -- prepare / split ---------------------------------------------------------------
     def prepare(self, spec: SegmentSpec) -> SegmentPrepared:
-        base = open_input(spec)
+        base = open_patch_input(spec)
         ds = base.ds
         check_cube(ds, spec.features, spec.label.variable)
         lab = ds[spec.label.variable]
