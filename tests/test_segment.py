@@ -193,3 +193,11 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, run_cli):
 def test_output_store_is_zarr_v3(small_run):
     out, _ = small_run
     assert zarr.open_group(str(out), mode="r").metadata.zarr_format == 3
+
+
+@pytest.mark.skipif(os.path.exists(os.path.join(ROOT, "catalogs", "data", "landcover_0p05.zarr")),
+                    reason="the 0.05-degree cube exists here")
+def test_missing_full_resolution_cube_names_the_command_that_makes_it(run_cli):
+    code, _, err = run_cli(["validate", FULL])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "python -m engine.io.landcover --resolution 0.05" in err
