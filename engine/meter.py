@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["record", "snapshot", "reset", "Meter", "FIELDS"]
+__all__ = ["record", "snapshot", "reset", "watch_gpu", "Meter", "FIELDS"]
 
 #: Per-kind counters: ``tasks``, ``items`` (patches, tiles or regions), ``pixels``
 #: (output cells), ``bytes_read`` (decoded input), ``bytes_written``, ``seconds`` (busy).
@@ -32,6 +32,11 @@ FIELDS = ("tasks", "items", "pixels", "bytes_read", "bytes_written", "seconds")
 _LOCK = threading.Lock()
 _COUNTS: dict[str, dict[str, dict[str, float]]] = {}   # worker -> kind -> field -> value
 _GPUS: dict[str, set[str]] = {}                        # worker -> GPU names used
+_WATCHED: dict[str, Any] = {}                          # GPU name -> NVML handle
+_GPU_SAMPLES: dict[str, list[tuple[float, float]]] = {}  # GPU name -> (time, busy %)
+_SAMPLER: list[threading.Thread] = []
+_PHASE_T0 = [time.monotonic()]
+_SAMPLE_S = 0.1
 
 
 def _worker_name() -> str:
@@ -63,22 +68,89 @@ def record(kind: str, *, items: int = 0, pixels: int = 0, bytes_read: int = 0,
             _GPUS.setdefault(worker, set()).add(gpu)
 
 
-def snapshot() -> dict[str, Any]:
-    """The counters of every worker that ran tasks in this process."""
+def _nvml_handle(uuid: str | None) -> Any:
+    """NVML handle of the GPU with this UUID (NVML numbers GPUs without regard to
+    CUDA_VISIBLE_DEVICES, so the UUID is the only safe key); None without pynvml."""
+    if not uuid:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        text = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        return pynvml.nvmlDeviceGetHandleByUUID(text)
+    except Exception:
+        return None
+
+
+def _sample_forever() -> None:
+    import pynvml
+
+    while True:
+        now = time.monotonic()
+        with _LOCK:
+            watched = list(_WATCHED.items())
+        for name, handle in watched:
+            try:
+                util = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            except Exception:
+                continue
+            with _LOCK:
+                rows = _GPU_SAMPLES.setdefault(name, [])
+                rows.append((now, util))
+                if len(rows) > 100_000:  # about 3 hours at 10 Hz
+                    del rows[:50_000]
+        time.sleep(_SAMPLE_S)
+
+
+def watch_gpu(name: str, uuid: str | None) -> None:
+    """Sample the busy share of GPU ``name`` (NVML, 10 Hz, in a daemon thread of this
+    process) from now on, for its row in the throughput table. Called by the inference
+    task functions when they first use a CUDA device; a no-op without NVML."""
     with _LOCK:
+        if name in _WATCHED:
+            return
+    handle = _nvml_handle(uuid)
+    if handle is None:
+        return
+    with _LOCK:
+        _WATCHED[name] = handle
+        if not _SAMPLER:
+            t = threading.Thread(target=_sample_forever, name="engine-nvml", daemon=True)
+            _SAMPLER.append(t)
+            t.start()
+
+
+def _gpu_busy() -> dict[str, dict[str, float]]:
+    """Mean busy percent of each watched GPU since the phase began (lock held)."""
+    out = {}
+    for name, rows in _GPU_SAMPLES.items():
+        vals = [u for t, u in rows if t >= _PHASE_T0[0]]
+        if vals:
+            out[name] = {"busy_pct": sum(vals) / len(vals), "samples": len(vals)}
+    return out
+
+
+def snapshot() -> dict[str, Any]:
+    """The counters of every worker that ran tasks in this process, with the busy share
+    of the GPUs they used."""
+    with _LOCK:
+        busy = _gpu_busy()
         return {
             w: {"host": socket.gethostname(), "pid": os.getpid(),
                 "gpus": sorted(_GPUS.get(w, ())),
+                "gpu_busy": {g: busy[g] for g in _GPUS.get(w, ()) if g in busy},
                 "kinds": {k: dict(v) for k, v in kinds.items()}}
             for w, kinds in _COUNTS.items()
         }
 
 
 def reset() -> None:
-    """Zero this process's counters."""
+    """Zero this process's counters; GPU busy shares count from now."""
     with _LOCK:
         _COUNTS.clear()
         _GPUS.clear()
+        _PHASE_T0[0] = time.monotonic()
 
 
 class Meter:
@@ -186,6 +258,7 @@ def _phase_summary(p: dict[str, Any]) -> dict[str, Any]:
     rows = {}
     merged: dict[str, dict[str, float]] = {}
     gpus: dict[str, dict[str, dict[str, float]]] = {}
+    busy: dict[str, float] = {}
     for name, w in sorted(p["workers"].items()):
         r = _rates(w["kinds"], wall)
         nthreads = p["threads"].get(name)
@@ -196,10 +269,16 @@ def _phase_summary(p: dict[str, Any]) -> dict[str, Any]:
         rows[name] = r
         _add(merged, w["kinds"])
         for g in w["gpus"]:  # one GPU per worker (dask-cuda); attribute its counters
-            _add(gpus.setdefault(f"{w['host']}:{name}:{g}", {}), w["kinds"])
+            key = f"{w['host']}:{name}:{g}"
+            _add(gpus.setdefault(key, {}), w["kinds"])
+            if g in w.get("gpu_busy", {}):
+                busy[key] = w["gpu_busy"][g]["busy_pct"] / 100
+    gpu_rows = {g: _rates(k, wall) for g, k in gpus.items()}
+    for g, share in busy.items():  # the GPU's own busy share (NVML), not its threads'
+        gpu_rows[g]["busy_share"] = share
     return {
         "wall_s": wall,
         "total": _rates(merged, wall),
         "workers": rows,
-        "gpus": {g: _rates(k, wall) for g, k in gpus.items()},
+        "gpus": gpu_rows,
     }

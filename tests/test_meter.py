@@ -112,3 +112,21 @@ def test_model_weights_travel_once_not_with_every_region(client, tmp_path, monke
     assert res.n_regions > 1 and len(scattered) == 1
     np.testing.assert_allclose(xr.open_zarr(str(tmp_path / "o.zarr")).p.values,
                                p.compute(scheduler="sync").values, rtol=1e-6)
+
+
+def test_gpu_rows_carry_the_gpus_own_busy_share(monkeypatch):
+    """A GPU row's busy column is the device's NVML utilisation over the phase (sampled
+    in the worker process), not its threads' busy time; samples from before the phase
+    do not count."""
+    from engine import meter
+
+    m = Meter()
+    with m.phase("gpu"):
+        meter.record("predict", items=10, pixels=100, gpu="H200 (cuda:0)")
+        with meter._LOCK:  # what the NVML sampler thread appends
+            meter._GPU_SAMPLES["H200 (cuda:0)"] = [(meter._PHASE_T0[0] - 5, 0.0),
+                                                   (meter._PHASE_T0[0] + 0.1, 80.0),
+                                                   (meter._PHASE_T0[0] + 0.2, 60.0)]
+    (row,) = m.summary()["phases"]["gpu"]["gpus"].values()
+    assert row["busy_share"] == pytest.approx(0.70)
+    meter._GPU_SAMPLES.clear()

@@ -362,12 +362,21 @@ def _execution_context(device: str) -> tuple[torch.device, contextlib.AbstractCo
     return dev, contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int) -> str:
+    name = f"{torch.cuda.get_device_name(index)} (cuda:{index})"
+    try:  # its busy share is sampled through NVML for the throughput table
+        meter.watch_gpu(name, str(torch.cuda.get_device_properties(index).uuid))
+    except Exception:  # NVML missing or unusable: the row has no busy share
+        pass
+    return name
+
+
 def _gpu_name(dev: torch.device | None) -> str | None:
     """``"NAME (cuda:i)"`` of a CUDA device, for the per-GPU throughput summary."""
     if dev is None or dev.type != "cuda":
         return None
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return f"{torch.cuda.get_device_name(index)} (cuda:{index})"
+    return _cuda_name(dev.index if dev.index is not None else torch.cuda.current_device())
 
 
 def _locks(dev: torch.device, lock: Any) -> tuple[Any, Any]:
