@@ -7,15 +7,15 @@ Two modes share one model-shipping and loading scheme.
 array is padded on both sides (``boundary``: reflect, nearest or a constant) by the same
 margin of at least ``T - S``, so an edge pixel is blended from as many windows as an
 interior one, and the grid tiles the padded array from its index 0. The padded array is
-rechunked so internal chunk boundaries are multiples of ``S``, and blocks share halos of
-``ceil(T/S)*S - S`` (``dask.array.overlap.overlap`` and ``trim_internal`` with the same
-explicit boundary, ``"none"`` at the true edges, so no window off the grid is ever run).
-Inside a block the windows are cut as strided views, run through the model in batches
+cut into blocks at multiples of ``S`` near the input's chunk boundaries, each extended by
+a halo of ``ceil(T/S)*S - S`` between blocks (none at the true edges, so no window off
+the grid is ever run): one gather task per block, all channels stacked, and one crop task
+per output chunk (:mod:`engine.ops.tiled`). Inside a block the windows are cut as strided views, run through the model in batches
 and blended with a Gaussian importance map (sigma = T/8, weights > 0) normalised by the
 summed weights in float32, one strided add per grid offset
 (:func:`engine.kernels.windows.overlap_add`). Every window that covers a pixel lies
 inside that pixel's halo-extended block, so the output does not depend on the chunking;
-it is cropped to the array and rechunked to the input's chunks.
+the blocks' cores are cut back to the input's chunks.
 
 *Pointwise* (``tile=None``): a per-pixel model ``(n, features) -> (n, out)``, one
 ``map_blocks`` task per chunk, one model call per ``batch_size`` valid pixels; pixels
