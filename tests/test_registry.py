@@ -40,7 +40,9 @@ def _ep(name, obj):
 def test_the_engines_kinds_are_registered():
     kinds = job_kinds()
     assert "gapfill" in kinds and kinds["gapfill"].spec.__name__ == "GapFillSpec"
-    with pytest.raises(SpecError, match="kind must be one of gapfill.*cube-engine jobs"):
+    assert "regress" in kinds and kinds["regress"].spec.__name__ == "RegressSpec"
+    with pytest.raises(SpecError, match="kind must be one of .*gapfill.*regress.*cube-engine "
+                                        "jobs"):
         get_kind("segmant")
 
 

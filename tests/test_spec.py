@@ -26,10 +26,18 @@ def bad(path, value):
 def test_shipped_jobs_parse():
     import glob
 
+    from engine.pipelines.registry import get_kind
+    from engine.pipelines.spec import JobSpecBase
+
+    kinds = set()
     for name in sorted(glob.glob("jobs/*.yaml")):
         spec = load_job(name)
-        assert isinstance(spec, GapFillSpec)
+        assert isinstance(spec, get_kind(yaml.safe_load(open(name))["kind"]).spec)
+        assert isinstance(spec, JobSpecBase)
         assert spec.resolve(spec.input.catalog).endswith(".yaml")
+        kinds.add(spec.kind)
+    assert {"gapfill", "regress"} <= kinds
+    assert isinstance(load_job("jobs/gapfill.yaml"), GapFillSpec)
 
 
 @pytest.mark.parametrize(

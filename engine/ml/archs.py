@@ -301,3 +301,7 @@ register_architecture("resnet18", resnet18, overwrite=True)
 
 register_architecture("conv_net", conv_net, overwrite=True)
 register_architecture("unet_small", unet_small, overwrite=True)
+
+# Document 000's regression CNN lives with the other whole-field models; importing it here
+# registers ``unidata_cnn`` with the built-in architectures.
+import engine.ml.fields  # noqa: E402,F401

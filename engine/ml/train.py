@@ -14,15 +14,45 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from engine.ml.models import Standardized
-from engine.ml.samples import PixelSamples
+__all__ = ["TrainResult", "train_model", "state_dict_bytes", "model_hash", "plot_loss",
+           "Batches", "StandardizedModel"]
 
-__all__ = ["TrainResult", "train_model", "state_dict_bytes", "model_hash", "plot_loss"]
+
+class Batches(Protocol):
+    """What :func:`train_model` trains on: an iterable dataset of ``(x, y)`` batches with
+    ``set_epoch`` (:class:`engine.ml.samples.PixelSamples` for pixels,
+    :class:`engine.ml.fields.FieldBatches` for whole fields)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Any: ...
+
+
+class StandardizedModel(Protocol):
+    """A model that carries its target statistics (:class:`engine.ml.models.Standardized`,
+    :class:`engine.ml.fields.FieldStandardized`): the loss is computed in standardised
+    target units."""
+
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
+    def forward_standardized(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self) -> Any: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 @dataclass
@@ -55,21 +85,21 @@ def model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _evaluate(model: Standardized, samples: PixelSamples) -> float:
+def _evaluate(model: StandardizedModel, samples: Batches) -> float:
     model.eval()
     total, n = 0.0, 0
     with torch.inference_mode():
-        for x, y in DataLoader(samples, batch_size=None):
+        for x, y in DataLoader(cast(IterableDataset, samples), batch_size=None):
             z = (y - model.y_mean) / model.y_std
             total += float(((model.forward_standardized(x) - z) ** 2).sum())
-            n += len(y)
+            n += z.numel()  # the mean over every value, a pixel's or a field's
     return total / n if n else float("nan")
 
 
 def train_model(
-    model: Standardized,
-    train: PixelSamples,
-    val: PixelSamples,
+    model: StandardizedModel,
+    train: Batches,
+    val: Batches,
     *,
     epochs: int = 100,
     learning_rate: float = 1e-3,
@@ -96,7 +126,7 @@ def train_model(
         train.set_epoch(epoch)
         model.train()
         loss_sum, n = 0.0, 0
-        for x, y in DataLoader(train, batch_size=None):
+        for x, y in DataLoader(cast(IterableDataset, train), batch_size=None):
             z = (y - model.y_mean) / model.y_std
             loss = torch.mean((model.forward_standardized(x) - z) ** 2)
             opt.zero_grad(set_to_none=True)

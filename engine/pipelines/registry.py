@@ -51,7 +51,8 @@ class JobKind:
 #: The engine's own kinds, as ``module:attribute`` so listing them imports no torch.
 _BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
             "segment": "engine.pipelines.segment:JOB",
-            "classify": "engine.pipelines.classify:JOB"}
+            "classify": "engine.pipelines.classify:JOB",
+            "regress": "engine.pipelines.regress:JOB"}
 
 
 def _load(target: str) -> Any:
