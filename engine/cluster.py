@@ -5,6 +5,7 @@ Specs
 ``local``              LocalCluster with worker processes (the default)
 ``threads``            LocalCluster with one process and threads (debugging, small data)
 ``local-cuda``         dask-cuda LocalCUDACluster, one worker per GPU (``gpu-cuda12/13`` extra)
+``slurm``              workers as SLURM jobs through dask-jobqueue (``hpc`` extra; engine.hpc)
 ``tls://host:port``    an existing scheduler that speaks TLS (Kubernetes, HPC)
 ``tcp://host:port``    an existing plaintext scheduler (only on a trusted network)
 ``scheduler-file:P``   an existing scheduler described by a scheduler file (HPC)
@@ -45,7 +46,7 @@ from engine.security import configured_security, has_client_tls, temporary_secur
 
 __all__ = ["connect", "parse_spec", "check_cluster_options", "cluster_summary"]
 
-_KINDS = ("local", "threads", "local-cuda")
+_KINDS = ("local", "threads", "local-cuda", "slurm")
 LOCALHOST = "127.0.0.1"
 # Below this a worker is paused or restarted by its own memory monitor before it does
 # any work, and the run waits forever; "4" is 4 bytes to dask, not 4 GB.
@@ -64,7 +65,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     """
     if not isinstance(spec, str):
         raise SpecError(f"cluster spec must be a string, got {spec!r}: use local, threads, "
-                        "local-cuda, tls://host:port, tcp://host:port or scheduler-file:PATH")
+                        "local-cuda, slurm, tls://host:port, tcp://host:port or "
+                        "scheduler-file:PATH")
     spec = spec.strip()
     if spec in _KINDS:
         return spec, None
@@ -77,7 +79,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if parsed.scheme in ("tcp", "tls", "ucx", "inproc", "ws", "wss") and parsed.netloc:
         return "address", spec
     raise SpecError(
-        f"unknown cluster spec {spec!r}: use local, threads, local-cuda, "
+        f"unknown cluster spec {spec!r}: use local, threads, local-cuda, slurm, "
         "tls://host:port, tcp://host:port or scheduler-file:PATH"
     )
 
@@ -462,8 +464,10 @@ def connect(
     Parameters
     ----------
     spec
-        ``local``, ``threads``, ``local-cuda``, ``tls://host:port``, ``tcp://host:port``
-        or ``scheduler-file:PATH``.
+        ``local``, ``threads``, ``local-cuda``, ``slurm``, ``tls://host:port``,
+        ``tcp://host:port`` or ``scheduler-file:PATH``. ``slurm`` submits worker jobs
+        sized by ``engine.cluster.slurm.*`` (keyword arguments such as ``queue=`` win)
+        and is owned by the client like a local cluster: see :func:`engine.hpc.connect_slurm`.
     n_workers, threads_per_worker, memory_limit, dashboard_address
         Size of a local cluster; default ``engine.cluster.*``. Checked before anything
         starts: a bad value is one :class:`SpecError` naming it.
@@ -498,6 +502,23 @@ def connect(
                             f"cluster's certificates with {_TLS_HINT}")
         address = target if kind == "address" else _scheduler_file_address(target)
         return _connect_address(address, security, timeout)
+
+    if kind == "slurm":
+        for key, value in (("n-workers", n_workers), ("threads-per-worker", threads_per_worker),
+                           ("memory-limit", memory_limit)):
+            if value is not None:
+                raise SpecError(f"{key.replace('-', '_')} sizes local clusters only; slurm "
+                                "jobs are sized by engine.cluster.slurm (scale, cores, memory, "
+                                "processes): leave it out")
+        from engine.hpc import connect_slurm
+
+        if tls is not None:
+            cluster_kwargs["tls"] = tls
+        return connect_slurm(
+            security,
+            dashboard_address=dashboard_address if dashboard_address is not None
+            else dask.config.get("engine.cluster.dashboard-address", None),
+            **cluster_kwargs)
 
     n, n_src = _option("n-workers", n_workers)
     threads, t_src = _option("threads-per-worker", threads_per_worker)

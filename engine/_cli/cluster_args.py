@@ -17,7 +17,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--cluster``, the local cluster's size and the TLS files to ``parser``."""
     g = parser.add_argument_group("cluster")
     g.add_argument("--cluster", metavar="SPEC", default=None,
-                   help="local (default), threads, local-cuda, tls://host:port, "
+                   help="local (default), threads, local-cuda, slurm, tls://host:port, "
                         "tcp://host:port or scheduler-file:PATH")
     g.add_argument("--n-workers", metavar="N", default=None,
                    help="worker processes of a local cluster")
