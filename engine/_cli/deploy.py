@@ -40,6 +40,9 @@ def add_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
     k.add_argument("--secret", metavar="NAME", default=None,
                    help="Kubernetes Secret whose keys become environment variables of the "
                         "job pod and workers (object-store credentials)")
+    k.add_argument("--operator-namespace", metavar="NS", default=None,
+                   help="namespace of the dask-kubernetes operator, admitted by the "
+                        "cluster's NetworkPolicy (default dask-operator)")
     k.add_argument("--output", metavar="DIR", default="k8s",
                    help="folder of the manifests (default k8s/); writes DIR/NAME.yaml")
     k.add_argument("--set", dest="overrides", action="append", default=[],
@@ -105,8 +108,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     gpus = _count(args.gpus, "--gpus")
     docs, dropped = k8s.job_manifests(
         args.job, args.overrides, workers=workers, gpus=gpus, image=args.image,
-        gpu_image=args.gpu_image, namespace=args.namespace, secret=args.secret)
-    name = docs[0]["metadata"]["name"].removesuffix("-job")
+        gpu_image=args.gpu_image, namespace=args.namespace, secret=args.secret,
+        operator_namespace=args.operator_namespace or k8s.OPERATOR_NAMESPACE)
+    name = next(d["metadata"]["name"] for d in docs if d["kind"] == "DaskJob")
     path = _destination(args.output, name)
     _write(path, k8s.render(docs, os.path.basename(args.job)))
     if dropped:
