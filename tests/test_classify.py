@@ -128,3 +128,13 @@ def test_bad_weights_file_is_one_line_exit_2_nothing_written(tmp_path, run_cli):
         assert code == 2, err
         assert len(err.strip().splitlines()) == 1 and "weights" in err or "nope" in err, err
         assert not out.exists() and not (tmp_path / "x.run").exists()
+
+
+@pytest.mark.slow
+def test_shipped_job_as_shipped_beats_the_majority_baseline(tmp_path, run_cli):
+    """The CPU job at full size (about 3 minutes on 2 cores)."""
+    code, _, err = run_cli(["run", JOB, "--output", str(tmp_path / "c.zarr")])
+    assert code == 0, err
+    s = json.load(open(tmp_path / "c.run" / "metrics.json"))["summary"]
+    assert s["accuracy"]["mean"] > s["baseline_accuracy"]["mean"]
+    assert s["macro_f1"]["mean"] > 2 * s["baseline_macro_f1"]["mean"]

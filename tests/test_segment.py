@@ -201,3 +201,14 @@ def test_missing_full_resolution_cube_names_the_command_that_makes_it(run_cli):
     code, _, err = run_cli(["validate", FULL])
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "python -m engine.io.landcover --resolution 0.05" in err
+
+
+@pytest.mark.slow
+def test_shipped_job_as_shipped_learns_snow_and_ice(tmp_path, run_cli):
+    """The CPU job at full size (about 2 minutes on 2 cores): document 003's layout with
+    IoU near its 0.83 +- 0.05."""
+    code, out, err = run_cli(["run", JOB, "--output", str(tmp_path / "s.zarr")])
+    assert code == 0, err
+    m = json.load(open(tmp_path / "s.run" / "metrics.json"))
+    assert m["summary"]["iou"]["mean"] > 0.7 and m["summary"]["recall"]["mean"] > 0.9
+    assert "mean" in out and "std" in out
