@@ -170,7 +170,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from engine.cluster import cluster_summary, connect
     from engine.pipelines.registry import get_kind
@@ -201,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             report_cm = performance_report(filename=args.report, mode="inline")
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                            TimeRemainingColumn(),  # ETA, e.g. over a whole archive (apply)
                             console=con, disable=args.quiet, transient=False)
         with report_cm, progress:
             epochs = progress.add_task("training", total=getattr(plan, "epochs", None),

@@ -54,6 +54,10 @@ The steps, in the order the runner calls them (``ctx`` is a :class:`RunContext`)
         (``Report.rows``, one row per model or baseline).
     ``describe(prepared) -> str`` (optional)
         One line for ``cube-engine validate`` ("target t from z; cube ...").
+    ``identity(spec, prepared)``, ``write(out, url, ctx=, trained=, progress=)`` (optional)
+        The resume identity and the write step; the defaults are the runner's
+        (``job_identity``, the resumable writer). ``apply`` narrows the identity (its
+        store grows across runs) and appends partitions along time instead.
 
 What the runner does (:func:`engine.pipelines.runner.run_job`); a kind never copies it
     Before any cluster starts (``plan_job``): ``prepare``, ``split``, the output store and
@@ -230,6 +234,27 @@ class Job:
 
     def describe(self, prepared: Prepared) -> str:
         return f"cube {dict(prepared.ds.sizes)}"
+
+    def identity(self, spec: Any, prepared: Prepared) -> dict[str, str]:
+        """The resume identity (:func:`engine.pipelines.runner.job_identity`: job spec,
+        code version, input store). A kind whose store grows across runs (``apply``)
+        narrows it to what its finished parts depend on."""
+        from engine.pipelines.runner import job_identity
+
+        return job_identity(spec, prepared)
+
+    def write(self, out: xr.Dataset, url: str, *, ctx: RunContext, trained: Trained,
+              progress: Callable[..., None] | None = None) -> Any:
+        """Write ``out`` resumably (:func:`engine.io.writer.write` with the resume
+        identity plus the model hash); returns its ``WriteResult``. A kind that writes
+        differently (``apply``: partitions appended along time) overrides it."""
+        from engine.io.writer import write
+
+        return write(out, url, resume=not (ctx.overwrite or ctx.restart),
+                     overwrite=ctx.overwrite, restart=ctx.restart, fingerprint=ctx.identity,
+                     identity={**ctx.identity, "model_hash": trained.model_hash},
+                     storage_options=ctx.spec.output.storage_options, client=ctx.client,
+                     progress=progress)
 
     def epochs(self, spec: Any) -> int | None:
         """Epochs a run trains at most (the progress bar's length), None if unknown."""

@@ -52,7 +52,8 @@ class JobKind:
 _BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
             "segment": "engine.pipelines.segment:JOB",
             "classify": "engine.pipelines.classify:JOB",
-            "regress": "engine.pipelines.regress:JOB"}
+            "regress": "engine.pipelines.regress:JOB",
+            "apply": "engine.pipelines.apply:JOB"}
 
 
 def _load(target: str) -> Any:

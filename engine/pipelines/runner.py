@@ -129,7 +129,7 @@ def plan_job(job: Job, spec: Any, output: str | None = None, *, overwrite: bool 
     p = job.prepare(spec)
     split = job.split(p)
     url, run_dir = output_locations(spec, output)
-    identity = job_identity(spec, p)
+    identity = job.identity(spec, p)
     action = check_outputs(spec, p, url, run_dir, identity, overwrite=overwrite,
                            restart=restart, must_resume=must_resume)
     return RunPlan(job=job, prepared=p, split=split, url=url, run_dir=run_dir,
@@ -276,7 +276,6 @@ def run_job(
     ``on_epoch(record)`` is called once per training epoch, ``on_region(done, total)`` per
     written region, ``log(line)`` with what the run decides (model reused, ...).
     """
-    from engine.io.writer import write
     from engine.meter import Meter
 
     t_start = time.perf_counter()
@@ -305,16 +304,18 @@ def run_job(
         write_json(os.path.join(run_dir, "train.json"),
                    finite({**trained.info, "identity": identity,
                            "checkpoints": list(trained.checkpoints)}))
+        # what rebuilds the model elsewhere (kind: apply): the kind and its spec
+        write_json(os.path.join(run_dir, "job.json"),
+                   finite({"kind": spec.kind, "spec": redact(spec.to_dict()),
+                           "model_hash": trained.model_hash,
+                           "checkpoints": list(trained.checkpoints),
+                           "code_version": code_version()}))
 
     # blockwise prediction, written through the resumable writer with its identity
     meter.begin("predict+write")
     out = job.predict(p, plan.split, trained, ctx)
     out.attrs.update(provenance(spec, p, identity, trained.model_hash, job.title))
-    wres = write(out, url, resume=not (overwrite or restart), overwrite=overwrite,
-                 restart=restart, fingerprint=identity,
-                 identity={**identity, "model_hash": trained.model_hash},
-                 storage_options=spec.output.storage_options, client=client,
-                 progress=on_region)
+    wres = job.write(out, url, ctx=ctx, trained=trained, progress=on_region)
     meter.end()
     trained.release()
 
