@@ -118,6 +118,37 @@ def test_the_network_trains_on_training_members_and_stops_on_validation(tmp_path
     assert seen["train"].shape == (len(s.train) * 3, 2, 6, 8)
 
 
+@pytest.mark.parametrize("bias, flagged", [(1000.0, True), (270.0, False)])
+def test_implausible_predictions_are_flagged_not_written(tmp_path, bias, flagged):
+    """A prediction outside the training target's range (widened by output.range_margin)
+    is NaN in the store and flagged; one inside is written as predicted."""
+    import torch
+
+    from engine.ml.fields import FieldStandardized
+    from engine.pipelines.job import RunContext
+    from engine.pipelines.regress import RegressTrained
+
+    p = _prepared(_cube(2))
+    s = member_split(p)
+    net = torch.nn.Conv2d(2, 1, 1)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.fill_(bias)
+    ones = np.ones((1, 1, 1))
+    model = FieldStandardized(net, np.zeros((2, 1, 1)), np.ones((2, 1, 1)), 0 * ones, ones)
+    trained = RegressTrained(model=model, info={"target_range": [250.0, 300.0]},
+                             model_hash="h", thickness=(0.0, 0.0))
+    ctx = RunContext(spec=p.spec, url="unused", run_dir=str(tmp_path), identity={})
+    out = Regress().predict(p, s, trained, ctx).compute()
+    pred, flag = out["t850_predicted"].values, out["t850_flag"].values
+    assert out["t850_flag"].attrs["valid_range"] == [245.0, 305.0]  # margin 0.1 of 50
+    if flagged:
+        assert np.isnan(pred).all() and (flag == 1).all()
+    else:
+        np.testing.assert_allclose(pred, 270.0, rtol=1e-6)
+        assert (flag == 0).all()
+
+
 def test_baselines_on_a_hand_built_case():
     """t850 = 3 + 0.25 (z500 - z850) exactly: the thickness line recovers (3, 0.25); the
     climatology is the mean of the training members over members and time, per cell."""
@@ -175,6 +206,7 @@ def test_the_network_is_document_000s():
     ({"target": {"variable": "z", "level": 500}}, "target z500 is also a feature"),
     ({"model": {"kernel_size": 4}}, "model.kernel_size must be odd"),
     ({"train": {"epochs": 0}}, "train.epochs must be in"),
+    ({"output": {"url": "x.zarr", "range_margin": 2}}, "output.range_margin must be in"),
 ])
 def test_spec_checks_name_the_field(changes, words):
     with pytest.raises(SpecError, match=words):
@@ -232,8 +264,9 @@ def test_shipped_job_end_to_end_resumes_and_refuses_a_changed_spec(tmp_path, run
     assert m["split"]["split_train"] == list(range(7)) and m["split"]["split_test"] == [8, 9]
     ds = xr.open_zarr(tmp_path / "out" / "t850.zarr")
     assert list(ds["number"].values) == [8, 9]  # only test members are predicted
-    assert set(ds.data_vars) == {"t850", "t850_predicted", "t850_climatology",
+    assert set(ds.data_vars) == {"t850", "t850_predicted", "t850_flag", "t850_climatology",
                                  "t850_thickness_linear"}
+    assert m["cells_outside_training_range"] == 0 and int(ds["t850_flag"].sum()) == 0
     assert ds["t850_predicted"].attrs["units"] == "K" and ds.attrs["engine_job_kind"] == "regress"
 
     raw = xr.open_zarr(STORE)

@@ -52,8 +52,9 @@ from engine.pipelines.spec import (
     TrainSpec,
 )
 
-__all__ = ["FieldSpec", "ThicknessSpec", "MemberSplitSpec", "CNNSpec", "RegressSpec",
-           "Regress", "MemberSplit", "member_split", "thickness_fit", "JOB"]
+__all__ = ["FieldSpec", "ThicknessSpec", "MemberSplitSpec", "CNNSpec", "RegressOutputSpec",
+           "RegressSpec", "Regress", "MemberSplit", "member_split", "thickness_fit",
+           "plausible_range", "JOB"]
 
 CHECKPOINT = "best.pt"
 
@@ -95,6 +96,13 @@ class MemberSplitSpec:
 
 
 @dataclass(frozen=True)
+class RegressOutputSpec(OutputSpec):
+    #: A prediction outside the training target's [min, max], widened by this share of its
+    #: width on each side, is physically implausible here: flagged, written as NaN.
+    range_margin: float = 0.1
+
+
+@dataclass(frozen=True)
 class CNNSpec:
     architecture: Literal["unidata_cnn"] = "unidata_cnn"
     filters: int = 32
@@ -110,7 +118,7 @@ class RegressSpec(JobSpecBase):
     input: InputSpec
     target: FieldSpec
     features: list[FieldSpec]
-    output: OutputSpec
+    output: RegressOutputSpec
     kind: Literal["regress"] = "regress"
     thickness: ThicknessSpec | None = None
     split: MemberSplitSpec = field(default_factory=MemberSplitSpec)
@@ -144,6 +152,9 @@ class RegressSpec(JobSpecBase):
         if both:
             raise SpecError(f"members {both} are in split.validation and split.test; a "
                             "member belongs to one part only")
+        if not 0 <= self.output.range_margin <= 1:
+            raise SpecError(f"output.range_margin must be in [0, 1] (a share of the training "
+                            f"target's range), got {self.output.range_margin}")
         m = self.model
         if not 1 <= m.filters <= 1024:
             raise SpecError(f"model.filters must be in [1, 1024], got {m.filters}")
@@ -291,6 +302,17 @@ def _line(sums: dict[str, Any]) -> tuple[float, float]:
     return sy / n - slope * sx / n, slope
 
 
+def plausible_range(target_range: list[float], margin: float) -> tuple[float, float]:
+    """The training target's ``[min, max]`` widened by ``margin`` of its width each side.
+
+    >>> plausible_range([250.0, 300.0], 0.1)
+    (245.0, 305.0)
+    """
+    lo, hi = (float(v) for v in target_range)
+    pad = margin * (hi - lo)
+    return lo - pad, hi + pad
+
+
 def _climatology(p: RegressPrepared, s: MemberSplit) -> xr.DataArray:
     """The training members' mean per grid cell (over members and time steps)."""
     t = p.fields[p.spec.target.label].sel({s.dim: s.train})
@@ -351,6 +373,8 @@ class Regress(Job):
                 lazy[lab] = (mean, np.sqrt(((a - mean) ** 2).mean()))
             else:
                 lazy[lab] = (a.mean(), a.std())
+        target = p.fields[spec.target.label].sel({s.dim: s.train})
+        lazy["target_range"] = (target.min(), target.max())
         if spec.thickness is not None:
             th = spec.thickness
             thick = p.fields[th.upper.label] - p.fields[th.lower.label]
@@ -366,7 +390,8 @@ class Regress(Job):
         stats = {"x_mean": np.concatenate([arr(res[lab][0]) for lab in feats]),
                  "x_std": np.concatenate([arr(res[lab][1]).reshape(1, 1, 1) for lab in feats]),
                  "y_mean": arr(res[spec.target.label][0]),
-                 "y_std": arr(res[spec.target.label][1]).reshape(1, 1, 1)}
+                 "y_std": arr(res[spec.target.label][1]).reshape(1, 1, 1),
+                 "target_range": np.array([float(v) for v in res["target_range"]])}
         line = _line(res["thickness"]) if "thickness" in res else None
         return stats, line
 
@@ -416,6 +441,7 @@ class Regress(Job):
             plot_loss(res.history, ctx.path("loss.png"),
                       title=f"{spec.name}: {spec.model.architecture}")
             info = {"n_train_fields": len(train), "n_validation_fields": len(val),
+                    "target_range": [float(v) for v in stats["target_range"]],
                     "thickness_fit": None if line is None
                     else {"intercept": line[0], "slope": line[1]},
                     "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss,
@@ -447,17 +473,26 @@ class Regress(Job):
                        tile={y: p.ds.sizes[y], x: p.ds.sizes[x]}, overlap=0.0, blend="mean",
                        output_name=f"{tgt}_predicted")
         truth = p.fields[tgt].sel(test)
-        src = p.ds[spec.target.variable].attrs
+        src = p.fields[tgt].attrs
         units = src.get("units")
 
         def attrs(long_name: str, comment: str) -> dict[str, Any]:
             a = {"long_name": long_name, "comment": comment}
             return {**a, "units": units} if units else a
 
+        lo, hi = plausible_range(trained.info["target_range"], spec.output.range_margin)
+        ok = (pred >= lo) & (pred <= hi)
+        flag = xr.where(ok, 0, 1).astype(np.int8)
+        flag.attrs = {"long_name": f"whether {tgt}_predicted lies in the training range",
+                      "flag_values": [0, 1],
+                      "flag_meanings": "in_training_range outside_training_range_not_written",
+                      "valid_range": [lo, hi]}
         out = {tgt: truth.assign_attrs({k: v for k, v in src.items()
                                         if k in ("units", "long_name", "standard_name")}),
-               f"{tgt}_predicted": pred.astype(np.float32).assign_attrs(attrs(
-                   f"{tgt} predicted by the CNN", pred.attrs.get("engine_predict", ""))),
+               f"{tgt}_predicted": pred.where(ok).astype(np.float32).assign_attrs(attrs(
+                   f"{tgt} predicted by the CNN", "NaN where outside the training range "
+                   f"[{lo:.6g}, {hi:.6g}] (see {tgt}_flag); {pred.attrs.get('engine_predict')}")),
+               f"{tgt}_flag": flag,
                f"{tgt}_climatology": _climatology(p, s).broadcast_like(truth)
                .astype(np.float32).assign_attrs(attrs(
                    f"{tgt} climatology baseline", "mean of the training members over members "
@@ -516,6 +551,10 @@ class Regress(Job):
                                     "upper - lower, fitted on the training members",
             },
             "thickness_fit": info.get("thickness_fit"),
+            "training_target_range": info["target_range"],
+            "plausible_range": list(plausible_range(info["target_range"],
+                                                    spec.output.range_margin)),
+            "cells_outside_training_range": int((written[f"{tgt}_flag"] == 1).sum()),
             "comparison": {f"model_beats_{b}": model["rmse"] < v["rmse"]
                            for b, v in scores.items()},
             "reference": {"member_mean_same_time": reference,
@@ -540,7 +579,9 @@ class Regress(Job):
             columns=["model", "RMSE", "MAE", "R2"],
             rows=[[label, f"{v['rmse']:.4f}", f"{v['mae']:.4f}", f"{v['r2']:.4f}"]
                   for _, label, v in rows],
-            notes=[f"trained on members {s.train}, early stopping on {s.validation}"],
+            notes=[f"trained on members {s.train}, early stopping on {s.validation}",
+                   f"{metrics['cells_outside_training_range']:,} predictions outside the "
+                   "training range (flagged, not written)"],
             files={"checkpoint": ctx.path(CHECKPOINT), "loss_plot": ctx.path("loss.png"),
                    "map_plot": ctx.path("map.png")},
             summary={"model_rmse": m["rmse"],
