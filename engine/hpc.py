@@ -155,7 +155,9 @@ def slurm_settings(**overrides: Any) -> SlurmSettings:
     """  # noqa: E501
     from engine import config  # noqa: F401  (engine.yaml's defaults are in dask.config)
 
-    raw: dict[str, Any] = dict(dask.config.get("engine.cluster.slurm", {}) or {})
+    # DASK_ENGINE__CLUSTER__SLURM__LOG_DIRECTORY arrives as log_directory
+    raw: dict[str, Any] = {str(k).replace("_", "-"): v for k, v in
+                           (dask.config.get("engine.cluster.slurm", {}) or {}).items()}
     for key, value in overrides.items():
         raw[key.replace("_", "-")] = value
     known = {f.replace("_", "-") for f in SlurmSettings.__dataclass_fields__}

@@ -13,6 +13,7 @@ s3            moto's S3 server on 127.0.0.1 with one empty bucket, per module
 no_compute    a context manager under which any dask compute fails the test
 demo_store    a private copy of the committed demo store, per test
 run_cli       calls the command line's main and returns (exit code, stdout, stderr)
+slurm         a real single-node SLURM for the ``slurm`` tier, per session (conftest_slurm.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest_slurm import slurm  # noqa: F401  (the slurm tier's session fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_STORE = os.path.join(ROOT, "catalogs", "data", "coads_climatology.zarr")
