@@ -58,7 +58,7 @@ CASES = {
     "gpu": ["--workers", "1", "--gpus", "2"],
     "secret": ["--secret", "s3-credentials"],
     "namespace": ["--namespace", "climate", "--workers", "4"],
-    "all": ["--gpus", "3", "--secret", "s3-credentials", "--namespace", "climate",
+    "all": ["--gpus", "3", "--job-gpu", "--secret", "s3-credentials", "--namespace", "climate",
             "--image", "registry.example.org:5000/acme/cube-engine:0.1.0",
             "--gpu-image", "registry.example.org:5000/acme/cube-engine:0.1.0-cuda12"],
 }
@@ -344,6 +344,20 @@ def test_gpu_workers(run_cli, tmp_path):
     cpu = by["DaskJob"]["spec"]["cluster"]["spec"]["worker"]["spec"]["containers"][0]
     assert cpu["command"] == ["dask", "worker"] and "--resources" not in cpu["args"]
     assert "nvidia.com/gpu" not in str(cpu["resources"])
+    pod = by["DaskJob"]["spec"]["job"]["spec"]
+    assert "nvidia.com/gpu" not in str(pod) and pod["containers"][0]["image"] == k8s.CPU_IMAGE
+
+
+def test_job_gpu_trains_on_a_gpu(run_cli, tmp_path):
+    """Training runs in the job pod: --job-gpu gives it one GPU and the GPU image."""
+    text, _, _ = _deploy(run_cli, tmp_path, ["--job-gpu"])
+    assert "&id" not in text and "*id" not in text  # no YAML aliases for shared objects
+    pod = _by_kind(_docs(text))["DaskJob"]["spec"]["job"]["spec"]
+    (job,) = pod["containers"]
+    assert job["image"] == pod["initContainers"][0]["image"] == k8s.GPU_IMAGE
+    assert job["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]
 
 
 def test_configmap_holds_the_job_as_checked(run_cli, tmp_path):

@@ -1,5 +1,6 @@
 """``cube-engine deploy TARGET JOB``: write the files that run a job where the users run.
 
+``slurm``: an sbatch script for one allocation (:mod:`engine._cli.deploy_slurm`).
 ``k8s``: manifests for the dask-kubernetes operator (:mod:`engine.deploy.k8s`). Every
 bad flag or job field is one line and exit code 2, and nothing is written; the manifests
 go into ``--output DIR`` as ``NAME.yaml``, replacing only a file this command wrote.
@@ -20,8 +21,11 @@ def add_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
                ) -> argparse.ArgumentParser:
     """Add the ``deploy`` verb and its targets to a ``cube-engine`` parser's subparsers."""
     p = subparsers.add_parser("deploy", parents=list(parents),
-                              help="write the files that run a job on Kubernetes")
+                              help="write the files that run a job on Kubernetes or SLURM")
     targets = p.add_subparsers(dest="deploy_target", required=True, metavar="TARGET")
+    from engine._cli.deploy_slurm import add_slurm_parser
+
+    add_slurm_parser(targets, parents)
     k = targets.add_parser(
         "k8s", parents=list(parents),
         help="manifests for the dask-kubernetes operator: a DaskJob (scheduler, CPU workers, "
@@ -31,6 +35,8 @@ def add_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
     k.add_argument("--workers", metavar="N", default="2", help="CPU workers (default 2)")
     k.add_argument("--gpus", metavar="N", default="0",
                    help="dask-cuda workers, one GPU each (default 0: no GPU worker group)")
+    k.add_argument("--job-gpu", action="store_true",
+                   help="one GPU for the job pod, where training runs (GPU image)")
     k.add_argument("--image", metavar="IMG", default=None,
                    help="image of the scheduler, CPU workers and job pod (deploy/Dockerfile)")
     k.add_argument("--gpu-image", metavar="IMG", default=None,
@@ -102,6 +108,10 @@ def _write(path: str, text: str) -> None:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Run ``cube-engine deploy TARGET``; return the exit code."""
+    if args.deploy_target == "slurm":
+        from engine._cli.deploy_slurm import cmd_deploy_slurm
+
+        return cmd_deploy_slurm(args)
     from engine.deploy import k8s
 
     workers = _count(args.workers, "--workers")
@@ -109,7 +119,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     docs, dropped = k8s.job_manifests(
         args.job, args.overrides, workers=workers, gpus=gpus, image=args.image,
         gpu_image=args.gpu_image, namespace=args.namespace, secret=args.secret,
-        operator_namespace=args.operator_namespace or k8s.OPERATOR_NAMESPACE)
+        operator_namespace=args.operator_namespace or k8s.OPERATOR_NAMESPACE,
+        job_gpu=args.job_gpu)
     name = next(d["metadata"]["name"] for d in docs if d["kind"] == "DaskJob")
     path = _destination(args.output, name)
     _write(path, k8s.render(docs, os.path.basename(args.job)))

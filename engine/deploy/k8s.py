@@ -83,6 +83,9 @@ CPU_WORKER_THREADS = 2
 CPU_WORKER_MEMORY = "8Gi"
 GPU_WORKER_MEMORY = "32Gi"
 SCHEDULER_MEMORY = "4Gi"
+JOB_MEMORY = "8Gi"
+#: GPU node pools are usually tainted so that only GPU pods land there.
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 #: How long the job pod waits for the scheduler before it gives up (seconds).
 SCHEDULER_WAIT_S = 600
 MAX_REPLICAS = 10_000
@@ -316,10 +319,14 @@ def _worker_container(image: str, command: list[str], extra: list[str],
 
 
 def dask_job(name: str, job_file: str, *, image: str = CPU_IMAGE, workers: int = 2,
-             secret: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+             secret: str | None = None, namespace: str | None = None,
+             job_gpu: bool = False, gpu_image: str = GPU_IMAGE) -> dict[str, Any]:
     """The ``DaskJob`` that runs ``cube-engine run`` on the job file of ConfigMap
     ``NAME-job``, mounted as ``WORKDIR/jobs/JOB_FILE`` (so ``../catalogs/...`` resolves
     as in a checkout), against its own cluster of ``workers`` CPU workers.
+
+    Training runs in the job pod (it streams chunks from the workers): ``job_gpu`` gives
+    that pod one GPU and ``gpu_image``, so a model trains on the device.
 
     An init container waits for the scheduler's Service (up to :data:`SCHEDULER_WAIT_S`)
     so that a slow image pull of the scheduler does not fail the job; the pod never
@@ -333,12 +340,16 @@ def dask_job(name: str, job_file: str, *, image: str = CPU_IMAGE, workers: int =
     """
     threads = CPU_WORKER_THREADS
     job_path = posixpath.join(WORKDIR, "jobs", job_file)
+    job_image = gpu_image if job_gpu else image
+    job_resources: dict[str, Any] = {
+        "requests": {"cpu": str(threads), "memory": JOB_MEMORY},
+        "limits": {"memory": JOB_MEMORY, **({"nvidia.com/gpu": "1"} if job_gpu else {})}}
     address = (f"tcp://{name}-scheduler.$(POD_NAMESPACE).svc.cluster.local:{SCHEDULER_PORT}")
     job_pod = {
         "restartPolicy": "Never",
         "initContainers": [{
             "name": "wait-for-scheduler",
-            "image": image,
+            "image": job_image,
             "command": ["python", "-m", "engine.deploy.wait", "--timeout",
                         str(SCHEDULER_WAIT_S)],
             # the operator sets DASK_SCHEDULER_ADDRESS in containers only: the same address
@@ -348,14 +359,16 @@ def dask_job(name: str, job_file: str, *, image: str = CPU_IMAGE, workers: int =
         }],
         "containers": [{
             "name": "job",
-            "image": image,
+            "image": job_image,
             "command": ["cube-engine"],
             "args": ["run", job_path, "--cluster", f"$({SCHEDULER_ADDRESS_ENV})"],
             **_env_from(secret),
+            "resources": job_resources,
             "volumeMounts": [{"name": "job", "mountPath": job_path, "subPath": "job.yaml",
                               "readOnly": True}],
         }],
         "volumes": [{"name": "job", "configMap": {"name": f"{name}-job"}}],
+        **({"tolerations": GPU_TOLERATIONS} if job_gpu else {}),
     }
     worker = _worker_container(
         image, ["dask", "worker"], ["--nthreads", str(threads)],
@@ -411,9 +424,7 @@ def gpu_worker_group(name: str, *, gpus: int, image: str = GPU_IMAGE,
                 "replicas": gpus,
                 "spec": {
                     "containers": [worker],
-                    # GPU node pools are usually tainted so that only GPU pods land there
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                     "effect": "NoSchedule"}],
+                    "tolerations": GPU_TOLERATIONS,
                 },
             },
         },
@@ -458,7 +469,7 @@ def network_policy(name: str, *, namespace: str | None = None,
 def job_manifests(job: str, overrides: Sequence[str] = (), *, workers: int = 2,
                   gpus: int = 0, image: str | None = None, gpu_image: str | None = None,
                   namespace: str | None = None, secret: str | None = None,
-                  operator_namespace: str = OPERATOR_NAMESPACE,
+                  operator_namespace: str = OPERATOR_NAMESPACE, job_gpu: bool = False,
                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """The manifests that run job file ``job`` (with ``--set`` ``overrides``) on a
     cluster of the dask-kubernetes operator, and the fields left out of its ConfigMap.
@@ -501,7 +512,7 @@ def job_manifests(job: str, overrides: Sequence[str] = (), *, workers: int = 2,
     docs = [job_configmap(name, shipped, namespace=namespace),
             network_policy(name, namespace=namespace, operator_namespace=operator_namespace),
             dask_job(name, f"{name}.yaml", image=image, workers=workers, secret=secret,
-                     namespace=namespace)]
+                     namespace=namespace, job_gpu=job_gpu, gpu_image=gpu_image)]
     if gpus:
         docs.append(gpu_worker_group(name, gpus=gpus, image=gpu_image, secret=secret,
                                      namespace=namespace))
@@ -527,7 +538,11 @@ def render(docs: Sequence[Mapping[str, Any]], source: str) -> str:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Safe YAML with multi-line strings (the job file in the ConfigMap) as ``|`` blocks."""
+    """Safe YAML with multi-line strings (the job file in the ConfigMap) as ``|`` blocks,
+    and no anchors or aliases (an object used twice is written twice)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
