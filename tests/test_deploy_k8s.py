@@ -267,6 +267,23 @@ def _container_env(container, namespace):
     return env
 
 
+def test_what_the_operator_derives_validates(crds, run_cli, tmp_path):
+    """The DaskCluster and default DaskWorkerGroup that the operator makes of the DaskJob
+    (with its own builders) validate against their CRDs too."""
+    from dask_kubernetes.operator.controller.controller import (
+        build_cluster_spec,
+        build_default_worker_group_spec,
+    )
+
+    text, _, _ = _deploy(run_cli, tmp_path, CASES["all"])
+    cluster = _by_kind(_docs(text))["DaskJob"]["spec"]["cluster"]["spec"]
+    derived = [build_cluster_spec(NAME, cluster["worker"], cluster["scheduler"], {}, {}),
+               build_default_worker_group_spec(NAME, cluster["worker"], {}, {})]
+    assert [d["kind"] for d in derived] == ["DaskCluster", "DaskWorkerGroup"]
+    for doc in derived:
+        assert validation_errors(doc, crds) == [], doc["kind"]
+
+
 def test_operator_wiring(run_cli, tmp_path):
     """Built into pods by the operator's own code: the job pod runs cube-engine run on the
     mounted job file against the scheduler address the operator sets; the init container
