@@ -8,7 +8,8 @@
   parser first, credentials never inside);
 - a ``DaskJob``: the operator starts a scheduler, ``workers`` CPU workers and a job pod
   that runs ``cube-engine run JOB --cluster $(DASK_SCHEDULER_ADDRESS)`` (the variable the
-  operator sets in the job pod), then deletes the cluster when the job pod ends;
+  operator sets in the job pod), then deletes the cluster when the job pod ends; training
+  runs in that pod, on one GPU of its own with ``job_gpu``;
 - with ``gpus > 0``, a ``DaskWorkerGroup`` of dask-cuda workers (``dask cuda worker``), one
   ``nvidia.com/gpu`` each, with the ``GPU=1`` worker resource that inference tasks ask for
   and ``engine.cluster.gpu-threads-per-worker`` threads.
@@ -41,6 +42,7 @@ __all__ = [
     "DOCKERFILES",
     "WORKDIR",
     "SCHEDULER_ADDRESS_ENV",
+    "OPERATOR_NAMESPACE",
     "k8s_name",
     "check_image",
     "shippable_job",
