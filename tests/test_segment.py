@@ -204,6 +204,7 @@ def test_missing_full_resolution_cube_names_the_command_that_makes_it(run_cli):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a 2-core machine shared with other work can take 3x longer
 def test_shipped_job_as_shipped_learns_snow_and_ice(tmp_path, run_cli):
     """The CPU job at full size (about 2 minutes on 2 cores): document 003's layout with
     IoU near its 0.83 +- 0.05."""
