@@ -10,9 +10,10 @@ interior one, and the grid tiles the padded array from its index 0. The padded a
 cut into blocks at multiples of ``S`` near the input's chunk boundaries, each extended by
 a halo of ``ceil(T/S)*S - S`` between blocks (none at the true edges, so no window off
 the grid is ever run): one gather task per block, all channels stacked, and one crop task
-per output chunk (:mod:`engine.ops.tiled`). Inside a block the windows are cut as strided views, run through the model in batches
-and blended with a Gaussian importance map (sigma = T/8, weights > 0) normalised by the
-summed weights in float32, one strided add per grid offset
+per output chunk (:mod:`engine.ops.tiled`). Inside a block the windows are cut as strided
+views, run through the model in batches and blended with a Gaussian importance map
+(sigma = T/8, weights > 0) normalised by the summed weights in float32, one strided add
+per grid offset
 (:func:`engine.kernels.windows.overlap_add`). Every window that covers a pixel lies
 inside that pixel's halo-extended block, so the output does not depend on the chunking;
 the blocks' cores are cut back to the input's chunks.
