@@ -125,6 +125,15 @@ def _walltime(value: Any) -> str:
     return text
 
 
+def is_walltime(text: str) -> bool:
+    """Whether ``text`` is a SLURM time limit ``[D-]HH:MM:SS`` (and not zero).
+
+    >>> is_walltime("04:00:00"), is_walltime("1-00:00:00"), is_walltime("4h")
+    (True, True, False)
+    """
+    return bool(_WALLTIME.match(text)) and _seconds(text) > 0
+
+
 def _seconds(walltime: str) -> int:
     m = _WALLTIME.match(walltime)
     assert m is not None
@@ -384,9 +393,10 @@ def write_temporary_certificates(folder: str) -> tuple[str, str, str]:
 
 _SCRIPT = """\
 #!/bin/bash
-# Written by `cube-engine deploy slurm {job}`: the dask scheduler on the first node of
-# the allocation, one dask worker per node (srun), then the job itself. Everything
-# speaks TLS with a certificate made for this allocation only. Submit with: sbatch FILE
+# Written by `cube-engine deploy slurm {job}`
+# The dask scheduler on the first node of the allocation, workers on every node (srun),
+# then the job itself. Everything speaks TLS with a certificate made for this allocation
+# only. Submit from the folder the job path is relative to: sbatch THIS_FILE
 {directives}
 set -euo pipefail
 {prologue}
@@ -408,14 +418,14 @@ python -m distributed.cli.dask_scheduler --protocol tls --port 0 \\
 for _ in $(seq 120); do [ -s "$SCHEDULER_FILE" ] && break; sleep 1; done
 [ -s "$SCHEDULER_FILE" ] || {{ echo "no scheduler: see $RUN_DIR/scheduler.log" >&2; exit 1; }}
 
-# workers: one srun task per node
-srun --ntasks-per-node=1 --kill-on-bad-exit=0 \\
+# workers: one srun task per node, with the node's CPUs (srun does not inherit them)
+srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=0 \\
   {worker} \\
   --scheduler-file "$SCHEDULER_FILE" "${{TLS[@]}}" > "$RUN_DIR/workers.log" 2>&1 &
 
 cube-engine run {job} --cluster "scheduler-file:$SCHEDULER_FILE" \\
   --tls-ca "$RUN_DIR/tls/ca.pem" --tls-cert "$RUN_DIR/tls/cert.pem" \\
-  --tls-key "$RUN_DIR/tls/key.pem" --quiet{run_extra}
+  --tls-key "$RUN_DIR/tls/key.pem" --quiet{sets}
 """
 
 
@@ -427,7 +437,7 @@ def sbatch_script(
     partition: str | None = None,
     account: str | None = None,
     time_limit: str | None = None,
-    output: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> str:
     """The sbatch script that runs job file ``job`` in one allocation of ``nodes`` nodes.
 
@@ -435,8 +445,8 @@ def sbatch_script(
     ``queue`` as partition, ``account``, ``walltime``, ``cores`` and ``memory`` per node,
     extra directives and prologue lines. GPU nodes run ``dask cuda worker`` (one worker
     per GPU, ``--resources GPU=1``); CPU nodes ``processes`` workers of
-    ``cores / processes`` threads. ``output`` is passed on as ``cube-engine run
-    --output``.
+    ``cores / processes`` threads. ``overrides`` (``KEY=VALUE``) become ``--set`` options
+    of the script's ``cube-engine run``.
 
     >>> print(sbatch_script("jobs/gapfill.yaml", nodes=2, partition="compute",
     ...                     time_limit="02:00:00").splitlines()[4])
@@ -461,22 +471,23 @@ def sbatch_script(
         directives.append(f"--gres=gpu:{settings.gpus}")
     directives += settings.job_extra_directives
     gpu_threads = int(dask.config.get("engine.cluster.gpu-threads-per-worker", 8))
+    # the workers get 3/4 of each node's memory: the first node also runs the scheduler
+    # and the job's own process
+    per_worker = parse_bytes(settings.memory) * 3 // 4 // (settings.gpus or settings.processes)
+    limit = format_bytes(per_worker).replace(" ", "")
     if settings.gpus:
-        worker = (f"python -m dask_cuda.cli worker --nthreads {gpu_threads} "
-                  "--resources GPU=1 --dashboard-address 127.0.0.1:0")
+        worker = (f"python -m dask_cuda.cli worker --nthreads {gpu_threads} \\\n"
+                  f"  --memory-limit {limit} --resources GPU=1 --dashboard-address 127.0.0.1:0")
     else:
-        per_worker = parse_bytes(settings.memory) // settings.processes
         worker = (f"python -m distributed.cli.dask_worker --nworkers {settings.processes} "
-                  f"--nthreads {settings.cores // settings.processes} "
-                  f"--memory-limit {format_bytes(per_worker).replace(' ', '')} "
-                  "--dashboard-address 127.0.0.1:0")
-    run_extra = f" --output {shlex.quote(output)}" if output else ""
+                  f"--nthreads {settings.cores // settings.processes} \\\n"
+                  f"  --memory-limit {limit} --dashboard-address 127.0.0.1:0")
     return _SCRIPT.format(
         job=shlex.quote(job),
         directives="\n".join(f"#SBATCH {d}" for d in directives),
         prologue="\n".join(settings.job_script_prologue) or "# (no job-script-prologue)",
         worker=worker,
-        run_extra=run_extra,
+        sets="".join(f" \\\n  --set {shlex.quote(o)}" for o in overrides),
     )
 
 

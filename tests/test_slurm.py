@@ -151,3 +151,45 @@ def test_worker_job_cancelled_mid_write_loses_nothing(slurm, tmp_path, monkeypat
     states = {j["JobId"]: j["JobState"] for j in _new_jobs(slurm, before)}
     assert states.get(cancelled["job"]) == "CANCELLED", (cancelled, states)
     assert len(states) == 2
+
+
+def test_deploy_slurm_script_runs_the_job_in_one_allocation(slurm, tmp_path, run_cli):
+    """The script of cube-engine deploy slurm, submitted with sbatch: scheduler, worker
+    (srun) and cube-engine run in one job that completes with the store written."""
+    venv_bin = os.path.dirname(sys.executable)
+    out, script = str(tmp_path / "filled.zarr"), tmp_path / "run.sbatch"
+    with dask.config.set({"engine.cluster.slurm.cores": 2, "engine.cluster.slurm.memory": "4GiB",
+                          "engine.cluster.slurm.processes": 1,
+                          "engine.cluster.slurm.job-script-prologue":
+                              [f"export PATH={venv_bin}:$PATH"],
+                          "engine.cluster.slurm.job-extra-directives": []}):
+        code, _, err = run_cli(["deploy", "slurm", "jobs/gapfill.yaml", "--output", str(script),
+                                "--nodes", "1", "--partition", slurm.partition,
+                                "--time", "00:20:00", "--set", f"output.url={out}",
+                                "--set", "train.epochs=5"])  # the script is tested, not the fit
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    env = dict(slurm.env, CUBE_ENGINE_RUN_DIR=str(run_dir))
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", str(script)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60)
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 780
+    record: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        record = next((j for j in slurm.completed_jobs() if j["JobId"] == job), {})
+        if record:
+            break
+        time.sleep(2)
+    log = (tmp_path / f"job-{job}.out").read_text() if (tmp_path / f"job-{job}.out").exists() \
+        else ""
+    workers_log = run_dir / f"slurm-{job}" / "workers.log"
+    assert record.get("JobState") == "COMPLETED", (record, log[-3000:],
+                                                   workers_log.read_text()[-2000:]
+                                                   if workers_log.exists() else "")
+    assert record["ExitCode"] == "0:0" and record["Name"] == "cube-engine"
+    assert "cluster: 1 workers" in log and "(TLS)" in log, log[-3000:]
+    assert f"output: {out}" in log.replace("\n", "")  # rich may wrap the line
+    assert not (run_dir / f"slurm-{job}" / "tls").exists()  # the job's key went with it
+    code, stdout, _ = run_cli(["verify", out])
+    assert code == 0 and "regions intact" in stdout
