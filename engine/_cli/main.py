@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine._cli import verify as _verify
 
     _verify.add_parser(sub, parents=[common])
+    from engine._cli import deploy as _deploy
+
+    _deploy.add_parser(sub, parents=[common])
     return parser
 
 
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"run": cmd_run, "validate": cmd_validate, "catalog": cmd_catalog,
-                "verify": _run_verify, "jobs": cmd_jobs}
+                "verify": _run_verify, "jobs": cmd_jobs, "deploy": _run_deploy}
     try:
         return commands[args.command](args)
     except EngineError as err:
@@ -366,6 +369,12 @@ def _run_verify(args: argparse.Namespace) -> int:
     from engine._cli import verify
 
     return verify.run(args)
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from engine._cli import deploy
+
+    return deploy.cmd_deploy(args)
 
 
 if __name__ == "__main__":
