@@ -448,9 +448,11 @@ def sbatch_script(
     ``cores / processes`` threads. ``overrides`` (``KEY=VALUE``) become ``--set`` options
     of the script's ``cube-engine run``.
 
-    >>> print(sbatch_script("jobs/gapfill.yaml", nodes=2, partition="compute",
-    ...                     time_limit="02:00:00").splitlines()[4])
-    #SBATCH --job-name=cube-engine
+    >>> script = sbatch_script("jobs/gapfill.yaml", nodes=2, partition="compute",
+    ...                        time_limit="02:00:00")
+    >>> [line for line in script.splitlines() if line.startswith(
+    ...     ("#SBATCH --nodes", "#SBATCH --time", "#SBATCH --partition"))]
+    ['#SBATCH --nodes=2', '#SBATCH --time=02:00:00', '#SBATCH --partition=compute']
     """
     settings = slurm_settings(**{k: v for k, v in (
         ("scale", nodes), ("gpus", gpus_per_node), ("queue", partition),
