@@ -218,3 +218,22 @@ def test_the_runner_refuses_a_spec_of_another_kind(toy, tmp_path):
 
     with pytest.raises(SpecError, match="a gapfill job needs a GapFillSpec, got MeanSpec"):
         plan_job(GAPFILL, load_job(_job(tmp_path)))
+
+
+def test_the_content_of_a_weights_file_is_part_of_the_resume_identity(tmp_path):
+    """A spec that names a weights file (model.weights) depends on its bytes, not its
+    path: a file replaced in place changes the identity, so a finished store is not
+    reused for a different model."""
+    from types import SimpleNamespace
+
+    from engine.pipelines.runner import _weights_digest
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"one")
+    spec = SimpleNamespace(model=SimpleNamespace(weights="w.pt"),
+                           resolve=lambda p: str(tmp_path / p))
+    first = _weights_digest(spec)
+    path.write_bytes(b"two")
+    assert first and _weights_digest(spec) not in (None, first)
+    assert _weights_digest(SimpleNamespace(model=SimpleNamespace(weights=None))) is None
+    assert _weights_digest(SimpleNamespace()) is None

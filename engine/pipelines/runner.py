@@ -73,7 +73,26 @@ def job_identity(spec: Any, p: Prepared) -> dict[str, str]:
     if p.input_url is not None:
         so = {**p.input_storage_options, **(spec.input.storage_options or {})}
         ident["input"] = store_identity(p.input_url, so)
+    weights = _weights_digest(spec)
+    if weights is not None:  # the spec names the file; its content decides the results
+        ident["model_weights"] = weights
     return ident
+
+
+def _weights_digest(spec: Any) -> str | None:
+    """sha256 of the local weights file a spec's ``model.weights`` names, if any."""
+    path = getattr(getattr(spec, "model", None), "weights", None)
+    if not isinstance(path, str) or not path or _is_url(path):
+        return None
+    resolve = getattr(spec, "resolve", None)
+    full = resolve(path) if callable(resolve) else path
+    if not os.path.isfile(full):
+        return None  # the kind's own checks say so in one line
+    h = hashlib.sha256()
+    with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_outputs(spec: Any, p: Prepared, url: str, run_dir: str, identity: dict,
