@@ -22,6 +22,7 @@ BENCHMARKS = {
     "write": "benchmarks.bench_write",
     "scaling": "benchmarks.bench_scaling",
     "gpu": "benchmarks.bench_gpu",
+    "archive": "benchmarks.bench_archive",
 }
 
 #: What each ratio compares (engine vs baseline); ratio > 1 means the engine is better.
@@ -41,6 +42,10 @@ LABELS = {
     ("write", "vs_to_zarr"): "resumable write vs plain to_zarr, threads",
     ("write", "vs_to_zarr_2procs"): "resumable write vs plain to_zarr, 2 worker processes",
     ("scaling", "speedup_2_workers"): "predict -> write, 2 vs 1 worker processes (speedup)",
+    ("archive", "cost_linearity"): "apply over the archive, s/year at 1 year / at the longest",
+    ("archive", "memory_flatness"): "apply over the archive, peak memory at 1 year / longest",
+    ("archive", "cpu_linearity"): "apply over the archive, CPU s/year at 1 year / at the longest",
+    ("archive", "scheduler_bound"): "apply over the archive, rolling window / scheduler peak tasks",
 }
 
 

@@ -359,3 +359,36 @@ def test_run_folder_of_an_unsupported_kind_or_damaged_checkpoint(tmp_path):
     with pytest.raises(SpecError, match="not a readable state_dict"):
         resolve_model(ApplyModelSpec(weights=str(bad), architecture="pixel_regressor",
                                      kwargs={"n_features": 2}, variables=["a", "b"]), str)
+
+
+def test_apply_a_regress_run_folder_reproduces_its_predictions(tmp_path):
+    """A real CNN regression run (one epoch) on the ERA5 sample; apply from its run folder
+    over the sample's two days, a day per partition, writes every member's t850, and the
+    test members' are the values the regress job wrote itself."""
+    from engine.pipelines.registry import get_kind
+
+    era5 = os.path.join(ROOT, "catalogs", "era5.yaml")
+    train = parse_spec({
+        "name": "regress-archive", "kind": "regress",
+        "input": {"catalog": era5, "entry": "era5_levels_members"},
+        "target": {"variable": "t", "level": 850},
+        "features": [{"variable": "z", "level": 500}, {"variable": "z", "level": 850}],
+        "split": {"dim": "number", "validation": [7], "test": [8, 9]},
+        "model": {"filters": 4},
+        "train": {"epochs": 1, "batch_size": 4},
+        "output": {"url": str(tmp_path / "model" / "t850.zarr")}}, base_dir=str(tmp_path))
+    trained = get_kind("regress").run(train)
+    spec = parse_spec({
+        "name": "apply-regress", "kind": "apply",
+        "input": {"catalog": era5, "entry": "era5_levels_members"},
+        "model": {"run": str(tmp_path / "model" / "t850.run")},
+        "time": {"start": "2017-01-01", "end": "2017-01-02"}, "partition": "day",
+        "output": {"url": str(tmp_path / "out" / "t850.zarr")}}, base_dir=str(tmp_path))
+    res = run_apply(spec)
+    assert [p["label"] for p in res.write.partitions] == ["2017-01-01", "2017-01-02"]
+    assert res.metrics["model_hash"] == trained.metrics["model_hash"]
+    got = xr.open_zarr(str(tmp_path / "out" / "t850.zarr"))["t850_predicted"]
+    assert got.sizes["number"] == 10 and got.sizes["time"] == 4
+    want = xr.open_zarr(str(tmp_path / "model" / "t850.zarr"))["t850_predicted"]
+    got = got.sel(number=want["number"].values).transpose(*want.dims)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-3)

@@ -700,9 +700,13 @@ def input_identity(ds: xr.Dataset, names: Sequence[str], time_dim: str, *,
         dims = [str(d) for d in getattr(arr.metadata, "dimension_names", None) or []]
         if not dims:
             dims = [str(d) for d in arr.attrs.get("_ARRAY_DIMENSIONS", None) or []]
-        if time_dim not in dims:
+        opened = [str(d) for d in ds[name].dims]
+        if time_dim in dims:
+            ax = dims.index(time_dim)
+        elif len(dims) == len(opened) and time_dim in opened:  # renamed by the catalog
+            ax = opened.index(time_dim)
+        else:
             raise SpecError(f"input variable {name!r} has no {time_dim!r} dim in its store")
-        ax = dims.index(time_dim)
         found = fs.find(f"{root}/{name}", detail=True)
         meta, chunks = [], []
         for path, info in found.items():

@@ -43,7 +43,7 @@ from engine.pipelines.runner import RunPlan, plan_job, run_job, spec_fingerprint
 from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec
 
 __all__ = ["ApplyModelSpec", "TimeRangeSpec", "ApplyOutputSpec", "ApplySpec", "Apply",
-           "ApplyPrepared", "apply_model", "plan_run", "run_apply", "JOB"]
+           "ApplyPrepared", "input_channels", "apply_model", "plan_run", "run_apply", "JOB"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,10 @@ class ApplySpec(JobSpecBase):
         for k, v in (m.tile or {}).items():
             if v < 1:
                 raise SpecError(f"model.tile[{k!r}] must be >= 1, got {v}")
+        dev = self.device.split(":")
+        if dev[0] not in ("auto", "cpu", "cuda") or (len(dev) == 2 and not dev[1].isdigit()) \
+                or len(dev) > 2 or (dev[0] != "cuda" and len(dev) == 2):
+            raise SpecError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.output.time_chunk < 1:
             raise SpecError(f"output.time_chunk must be >= 1, got {self.output.time_chunk}")
         for what, value in (("time.start", self.time.start), ("time.end", self.time.end)):
@@ -186,9 +190,35 @@ def _channel(ds: xr.Dataset, f: InputField, like: xr.DataArray | None,
                         "first, whose grid it is broadcast to")
     if not np.issubdtype(var.dtype, np.number):
         raise CubeError(f"model input {f.variable!r} is a {var.dtype} coordinate, not numbers")
-    out = var.reset_coords(drop=True).astype(np.float32).broadcast_like(like)
-    return out.transpose(*like.dims).chunk(dict(zip(like.dims, like.chunks or (),
-                                                    strict=False)))
+    # lazily, chunk by chunk (zeros + the coordinate): a broadcast numpy array chunked
+    # into the graph would put the whole grid x time into every region's task
+    out = xr.zeros_like(like, dtype=np.float32) + var.reset_coords(drop=True).astype(
+        np.float32)
+    return out.transpose(*like.dims).rename(f.variable)
+
+
+def input_channels(ds: xr.Dataset, model: ResolvedModel, dims: CubeDims) -> xr.Dataset:
+    """The model's inputs as one lazy dataset, a variable per channel in channel order
+    (a coordinate broadcast to the grid as ``<name>__input``), all on one grid with the
+    time dim.
+
+    Raises
+    ------
+    CubeError
+        An input that is not in the cube, not at its level, or not on the grid.
+    """
+    channels: list[xr.DataArray] = []
+    for f in model.inputs:
+        channels.append(_channel(ds, f, channels[0] if channels else None, dims))
+    ref = channels[0]
+    for f, c in zip(model.inputs, channels, strict=True):
+        if c.dims != ref.dims:
+            raise CubeError(f"model input {f.label} has dims {c.dims}, {model.inputs[0].label} "
+                            f"{ref.dims}: inputs must share one grid")
+    if dims.time not in ref.dims:
+        raise CubeError(f"model input {model.inputs[0].label} has no time dim {dims.time!r}")
+    return xr.Dataset({_name(f, ds): c.reset_coords(drop=True)
+                       for f, c in zip(model.inputs, channels, strict=True)})
 
 
 def prepare(spec: ApplySpec) -> ApplyPrepared:
@@ -207,16 +237,7 @@ def prepare(spec: ApplySpec) -> ApplyPrepared:
         raise CubeError(f"the cube has no time dim ({', '.join(map(str, ds.dims))}): apply "
                         "reprocesses an archive along time; name it in input.dims.time")
     t = dims.time
-    channels: list[xr.DataArray] = []
-    for f in model.inputs:
-        channels.append(_channel(ds, f, channels[0] if channels else None, dims))
-    ref = channels[0]
-    for f, c in zip(model.inputs, channels, strict=True):
-        if c.dims != ref.dims:
-            raise CubeError(f"model input {f.label} has dims {c.dims}, {model.inputs[0].label} "
-                            f"{ref.dims}: inputs must share one grid")
-    if t not in ref.dims:
-        raise CubeError(f"model input {model.inputs[0].label} has no time dim {t!r}")
+    inputs = input_channels(ds, model, dims)
     if model.grid is not None and model.grid != (ds.sizes[y], ds.sizes[x]):
         raise CubeError(f"the model was trained on a {model.grid[0]} x {model.grid[1]} grid "
                         f"(per-cell statistics), the cube is {ds.sizes[y]} x {ds.sizes[x]}")
@@ -225,8 +246,6 @@ def prepare(spec: ApplySpec) -> ApplyPrepared:
         raise CubeError(f"the cube's time coordinate {t!r} holds {times.dtype}, not dates: "
                         "decode it in the catalog entry")
     start, stop = _range_indices(spec, times, base.input_url or spec.input.entry)
-    inputs = xr.Dataset({_name(f, ds): c.reset_coords(drop=True)
-                         for f, c in zip(model.inputs, channels, strict=True)})
     inputs = inputs.chunk({t: spec.output.time_chunk})
     return ApplyPrepared(spec=spec, ds=ds, dims=dims, time=t, model=model, inputs=inputs,
                          start=start, stop=stop, input_url=base.input_url,
@@ -371,9 +390,7 @@ class Apply(Job):
             input_identity=lambda a, b: ident(offset + a, offset + b),
             model_hash=trained.model_hash, storage_options=ctx.spec.output.storage_options,
             restart=ctx.restart, overwrite=ctx.overwrite,
-            inputs=[u for u in (p.input_url,) if u], client=ctx.client, progress=progress,
-            on_partition=lambda part, status: ctx.log(f"partition {part.label}: {status}")
-            if status == "skipped" else None)
+            inputs=[u for u in (p.input_url,) if u], client=ctx.client, progress=progress)
         trained.partitions = res.partitions
         return res
 
