@@ -392,3 +392,31 @@ def test_apply_a_regress_run_folder_reproduces_its_predictions(tmp_path):
     want = xr.open_zarr(str(tmp_path / "model" / "t850.zarr"))["t850_predicted"]
     got = got.sel(number=want["number"].values).transpose(*want.dims)
     np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-3)
+
+
+def test_the_shipped_jobs_run_on_a_reduced_archive(tmp_path):
+    """jobs/apply-iris-model.yaml (one epoch) makes the run folder that jobs/apply-iris.yaml
+    applies to the 1860s, year by year; jobs/apply-iris-weights.yaml applies its checkpoint
+    as a weights file, by decade: both stores hold the same values."""
+    from engine.pipelines.registry import get_kind
+    from engine.pipelines.spec import load_job
+
+    jobs = os.path.join(ROOT, "jobs")
+    model = load_job(os.path.join(jobs, "apply-iris-model.yaml"), [
+        "train.epochs=1", f"output.url={tmp_path / 'model' / 'emulator.zarr'}"])
+    get_kind("gapfill").run(model)
+    run = tmp_path / "model" / "emulator.run"
+    by_year = load_job(os.path.join(jobs, "apply-iris.yaml"), [
+        f"model.run={run}", "time.end=1869", f"output.url={tmp_path / 'year.zarr'}"])
+    res = get_kind("apply").run(by_year)
+    assert [p["label"] for p in res.write.partitions] == [str(y) for y in range(1860, 1870)]
+    by_decade = load_job(os.path.join(jobs, "apply-iris-weights.yaml"), [
+        f"model.weights={run / 'best.pt'}", "time.start=1860", "time.end=1869",
+        f"output.url={tmp_path / 'decade.zarr'}"])
+    res = get_kind("apply").run(by_decade)
+    assert [p["label"] for p in res.write.partitions] == ["1860s"]
+    a = xr.open_zarr(str(tmp_path / "year.zarr"))["tas_e1_emulated"]
+    b = xr.open_zarr(str(tmp_path / "decade.zarr"))["tas_e1_emulated"]
+    assert a.attrs["units"] == "K" and a.sizes["time"] == 10
+    np.testing.assert_array_equal(a.values, b.values)
+    assert np.isfinite(a.values).all()
