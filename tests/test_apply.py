@@ -420,3 +420,73 @@ def test_the_shipped_jobs_run_on_a_reduced_archive(tmp_path):
     assert a.attrs["units"] == "K" and a.sizes["time"] == 10
     np.testing.assert_array_equal(a.values, b.values)
     assert np.isfinite(a.values).all()
+
+
+_KILLED = """
+import sys, time
+import dask
+from engine.io.writer import local
+from engine.pipelines.apply import run_apply
+from engine.pipelines.spec import parse_spec
+
+real = local.write_region
+def slow(task, data):  # a slow archive: time to kill the run between regions
+    out = real(task, data)
+    time.sleep(0.4)
+    return out
+local.write_region = slow
+catalog, weights, url = sys.argv[1:4]
+spec = parse_spec({"name": "apply-test", "kind": "apply",
+    "input": {"catalog": catalog, "entry": "iris_north_america"},
+    "model": {"weights": weights, "architecture": "pixel_regressor",
+              "kwargs": {"n_features": 2, "kind": "linear"},
+              "variables": ["tas_a1b", "lat"], "output": "tas_hat", "units": "K"},
+    "time": {"start": "1860", "end": "1889"}, "partition": "decade",
+    "output": {"url": url}})
+with dask.config.set(scheduler="threads", num_workers=2):
+    run_apply(spec)
+"""
+
+
+def test_a_killed_run_resumes_only_its_unfinished_regions(tmp_path, archive_copy, monkeypatch):
+    """The run is a process killed with SIGKILL mid-archive; the re-run computes exactly the
+    regions the manifest does not record, and the store equals the model's values."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.io.manifest import read_manifest
+
+    catalog, store = archive_copy
+    weights = _weights(tmp_path / "w.pt")
+    url = str(tmp_path / "out" / "tas.zarr")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, catalog, weights, url],
+                            cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(url) or len(read_manifest(url)) < 4:
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline, "no progress from the run to kill"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    recorded = {tuple(r["slices"]["time"]) for r in read_manifest(url).values()}
+    assert 4 <= len(recorded) < 15
+    counted = []
+    real = writer_local.write_region
+
+    def counting(task, data):
+        counted.append(task.slices["time"])
+        return real(task, data)
+
+    monkeypatch.setattr(writer_local, "write_region", counting)
+    with dask.config.set(num_workers=2):
+        res = run_apply(_spec(tmp_path, catalog, weights, end="1889"))
+    every = {(a, a + 2) for a in range(0, 30, 2)}
+    assert set(counted) == every - recorded and len(counted) == len(set(counted))
+    assert res.write.n_skipped == len(recorded)
+    np.testing.assert_allclose(xr.open_zarr(url)["tas_hat"].values,
+                               _expected(store, "1860", "1889"), rtol=1e-6)
+    assert {p["status"] for p in archive.read_partitions(url).values()} == {"done"}
