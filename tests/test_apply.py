@@ -338,6 +338,10 @@ def test_apply_a_gapfill_run_folder_reproduces_its_predictions(tmp_path, archive
     want = want.sel(time=slice("1990", "2009"))
     np.testing.assert_array_equal(got.values, want.values)
     assert json.loads(got.attrs["engine_model_source"])["kind"] == "gapfill"
+    # the run's training target range (train.json) is the valid range of the output
+    lo, hi = json.load(open(os.path.join(run, "train.json")))["target_range"]
+    assert got.attrs["valid_range"] == [lo, hi]
+    assert "tas_e1_predicted_flag" in xr.open_zarr(str(tmp_path / "out" / "emulated.zarr"))
 
 
 def test_run_folder_of_an_unsupported_kind_or_damaged_checkpoint(tmp_path):
@@ -490,3 +494,21 @@ def test_a_killed_run_resumes_only_its_unfinished_regions(tmp_path, archive_copy
     np.testing.assert_allclose(xr.open_zarr(url)["tas_hat"].values,
                                _expected(store, "1860", "1889"), rtol=1e-6)
     assert {p["status"] for p in archive.read_partitions(url).values()} == {"done"}
+
+
+def test_outputs_outside_the_valid_range_are_flagged_not_written(tmp_path, archive_copy):
+    catalog, store = archive_copy
+    weights = _weights(tmp_path / "w.pt")
+    want = _expected(store, "1860", "1861")
+    lo, hi = (float(v) for v in np.percentile(want, [10, 90]))
+    spec = _spec(tmp_path, catalog, weights, end="1861", partition="year",
+                 valid_range=[lo, hi])
+    run_apply(spec)
+    out = xr.open_zarr(str(tmp_path / "out" / "tas.zarr"))
+    outside = (want < lo) | (want > hi)
+    assert 0.15 < outside.mean() < 0.25
+    np.testing.assert_array_equal(out["tas_hat_flag"].values, outside.astype(np.int8))
+    got = out["tas_hat"].values
+    assert np.isnan(got[outside]).all()
+    np.testing.assert_allclose(got[~outside], want[~outside], rtol=1e-6)
+    assert out["tas_hat"].attrs["valid_range"] == [lo, hi]

@@ -59,6 +59,9 @@ class ResolvedModel:
     source: dict[str, Any] = field(default_factory=dict)
     #: Grid shape the model requires (per-cell statistics), None when any grid fits.
     grid: tuple[int, int] | None = None
+    #: Outputs outside ``[lo, hi]`` are not written as data (NaN, flagged); a gap-filling
+    #: run's is its training target range widened by its ``output.fill_margin``.
+    valid_range: tuple[float, float] | None = None
 
 
 def _load_state(path: str, what: str) -> dict[str, Any]:
@@ -110,13 +113,20 @@ def _job_record(run: str) -> dict[str, Any]:
 
 def _gapfill(spec: Any, state: dict[str, Any], ckpt: str) -> ResolvedModel:
     from engine.ml.models import build_regressor
+    from engine.pipelines.gapfill import fill_range
+    from engine.pipelines.runner import load_json
 
     m = spec.model
     module = build_regressor(m.kind, len(spec.features), m.hidden, m.activation)
     _load_into(module, state, f"checkpoint {ckpt}")
+    train = load_json(os.path.join(os.path.dirname(ckpt), "train.json")) or {}
+    rng = train.get("target_range")
+    valid = None
+    if isinstance(rng, list) and len(rng) == 2 and all(v is not None for v in rng):
+        valid = fill_range(float(rng[0]), float(rng[1]), spec.output.fill_margin)
     return ResolvedModel(module=module, model_hash="", mode="pixel",
                          inputs=[InputField(f) for f in spec.features],
-                         output=f"{spec.target}_predicted")
+                         output=f"{spec.target}_predicted", valid_range=valid)
 
 
 def _regress(spec: Any, state: dict[str, Any], ckpt: str) -> ResolvedModel:
@@ -222,8 +232,11 @@ def resolve_model(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
             model.output = m.output
         if m.units:
             model.units = m.units
-        return model
-    return _from_weights(m, resolve)
+    else:
+        model = _from_weights(m, resolve)
+    if m.valid_range is not None:
+        model.valid_range = (float(m.valid_range[0]), float(m.valid_range[1]))
+    return model
 
 
 def _register() -> None:

@@ -64,6 +64,9 @@ class ApplyModelSpec:
     #: Output variable name (default: ``<target>_predicted`` of a run, else ``prediction``).
     output: str | None = None
     units: str | None = None
+    #: ``[lo, hi]``: outputs outside are written as NaN and flagged in ``<output>_flag``
+    #: (default: a gap-filling run's training target range with its fill margin).
+    valid_range: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class ApplySpec(JobSpecBase):
         if m.run and (m.architecture or m.kwargs or m.variables or m.tile):
             raise SpecError("model.run rebuilds its model from the run's own job: drop "
                             "model.architecture, kwargs, variables and tile")
+        if m.valid_range is not None and not (len(m.valid_range) == 2 and
+                                              m.valid_range[0] < m.valid_range[1]):
+            raise SpecError(f"model.valid_range must be [low, high] with low < high, got "
+                            f"{m.valid_range}")
         if m.mode == "tiled" and not m.tile:
             raise SpecError("model.mode tiled needs model.tile, e.g. {lat: 64, lon: 64}")
         for k, v in (m.tile or {}).items():
@@ -326,8 +333,20 @@ def apply_model(inputs: xr.Dataset, model: ResolvedModel, dims: CubeDims,
              "engine_model_source": json.dumps(model.source, sort_keys=True, default=str)}
     if model.units:
         attrs["units"] = model.units
-    pred.attrs = attrs
-    return xr.Dataset({model.output: pred})
+    if model.valid_range is None:
+        pred.attrs = attrs
+        return xr.Dataset({model.output: pred})
+    # physically implausible output is flagged, never written as data
+    lo, hi = model.valid_range
+    outside = (pred < lo) | (pred > hi)  # NaN (no valid input) is not flagged
+    pred = pred.where(~outside)
+    pred.attrs = {**attrs, "valid_range": [lo, hi]}
+    flag = outside.astype(np.int8)
+    flag.attrs = {"long_name": f"whether {model.output} lies outside its valid range",
+                  "flag_values": [0, 1],
+                  "flag_meanings": "within_valid_range_or_no_input "
+                                   "outside_valid_range_not_written"}
+    return xr.Dataset({model.output: pred, f"{model.output}_flag": flag})
 
 
 class Apply(Job):
