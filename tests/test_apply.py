@@ -293,7 +293,7 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(tmp_path, archive_copy, 
     cases = {
         "run": (job("run", model={"run": str(tmp_path / "nope.run")}), "is not a run folder"),
         "weights": (job("weights", **{"model.kwargs": {"n_features": 3, "kind": "linear"}}),
-                    "do not load into the model"),
+                    "does not load into"),
         "range": (job("range", time={"start": "1700", "end": "1750"}),
                   "outside the archive"),
         "output": (job("output", output={"url": store}), "input store"),
@@ -360,7 +360,7 @@ def test_run_folder_of_an_unsupported_kind_or_damaged_checkpoint(tmp_path):
         resolve_model(ApplyModelSpec(run=str(run)), str)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SpecError, match="not a readable state_dict"):
+    with pytest.raises(SpecError, match="does not load into Standardized"):
         resolve_model(ApplyModelSpec(weights=str(bad), architecture="pixel_regressor",
                                      kwargs={"n_features": 2}, variables=["a", "b"]), str)
 

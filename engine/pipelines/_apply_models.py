@@ -57,36 +57,17 @@ class ResolvedModel:
     units: str | None = None
     #: Provenance: where the model came from (run folder and kind, or weights file).
     source: dict[str, Any] = field(default_factory=dict)
-    #: Grid shape the model requires (per-cell statistics), None when any grid fits.
-    grid: tuple[int, int] | None = None
     #: Outputs outside ``[lo, hi]`` are not written as data (NaN, flagged); a gap-filling
     #: run's is its training target range widened by its ``output.fill_margin``.
     valid_range: tuple[float, float] | None = None
 
 
-def _load_state(path: str, what: str) -> dict[str, Any]:
-    import torch
+def _load(module: Any, path: str) -> None:
+    """A state_dict file into ``module`` (``torch.load(weights_only=True)``: no code runs);
+    a missing, foreign or mismatched file is one line."""
+    from engine.ml.archs import load_weights
 
-    if not os.path.isfile(path):
-        raise SpecError(f"{what} {path} not found: check the path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SpecError(f"{what} {path} is not a readable state_dict "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); pass "
-                        "the file torch.save(model.state_dict(), path) wrote") from None
-    if not isinstance(state, dict):
-        raise SpecError(f"{what} {path} holds a {type(state).__name__}, not a state_dict")
-    return state
-
-
-def _load_into(module: Any, state: dict[str, Any], what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise SpecError(f"{what} do not load into the model: {first}; give the "
-                        "architecture and kwargs the weights were trained with") from None
+    load_weights(module, path)
 
 
 def _job_record(run: str) -> dict[str, Any]:
@@ -111,14 +92,14 @@ def _job_record(run: str) -> dict[str, Any]:
                     "model.weights with model.architecture")
 
 
-def _gapfill(spec: Any, state: dict[str, Any], ckpt: str) -> ResolvedModel:
+def _gapfill(spec: Any, ckpt: str, grid: tuple[int, int]) -> ResolvedModel:
     from engine.ml.models import build_regressor
     from engine.pipelines.gapfill import fill_range
     from engine.pipelines.runner import load_json
 
     m = spec.model
     module = build_regressor(m.kind, len(spec.features), m.hidden, m.activation)
-    _load_into(module, state, f"checkpoint {ckpt}")
+    _load(module, ckpt)
     train = load_json(os.path.join(os.path.dirname(ckpt), "train.json")) or {}
     rng = train.get("target_range")
     valid = None
@@ -129,36 +110,33 @@ def _gapfill(spec: Any, state: dict[str, Any], ckpt: str) -> ResolvedModel:
                          output=f"{spec.target}_predicted", valid_range=valid)
 
 
-def _regress(spec: Any, state: dict[str, Any], ckpt: str) -> ResolvedModel:
+def _regress(spec: Any, ckpt: str, grid: tuple[int, int]) -> ResolvedModel:
+    """The CNN inside its standardisation; per-cell statistics are shaped like the grid of
+    the cube it is applied to, so a checkpoint of another grid does not load (one line)."""
     from engine.ml.fields import FieldStandardized
     from engine.ml.registry import build_architecture
 
     m = spec.model
-    net = build_architecture(m.architecture, in_channels=len(spec.features),
-                             filters=m.filters, kernel_size=m.kernel_size)
-    keys = ("x_mean", "x_std", "y_mean", "y_std")
-    if any(k not in state for k in keys):
-        raise SpecError(f"checkpoint {ckpt} lacks the standardisation statistics of a "
-                        "regress model (x_mean, x_std, y_mean, y_std)")
-    shapes = {k: tuple(int(n) for n in state[k].shape) for k in keys}
-    module = FieldStandardized(net, np.zeros(shapes["x_mean"], np.float32),
-                               np.ones(shapes["x_std"], np.float32),
-                               np.zeros(shapes["y_mean"], np.float32),
-                               np.ones(shapes["y_std"], np.float32))
-    _load_into(module, state, f"checkpoint {ckpt}")
-    xm = shapes["x_mean"]
-    grid = (int(xm[-2]), int(xm[-1])) if xm[-1] > 1 or xm[-2] > 1 else None
+    n = len(spec.features)
+    net = build_architecture(m.architecture, in_channels=n, filters=m.filters,
+                             kernel_size=m.kernel_size)
+    cell = m.standardise == "cell"
+    shape = grid if cell else (1, 1)
+    module = FieldStandardized(net, np.zeros((n, *shape), np.float32),
+                               np.ones((n, 1, 1), np.float32),
+                               np.zeros((1, *shape), np.float32), np.ones((1, 1, 1), np.float32))
+    _load(module, ckpt)
     return ResolvedModel(module=module, model_hash="", mode="field",
                          inputs=[InputField(f.variable, f.level) for f in spec.features],
-                         output=f"{spec.target.label}_predicted", grid=grid)
+                         output=f"{spec.target.label}_predicted")
 
 
 #: Training kinds whose run folders ``apply`` reads: kind -> model builder.
-RUN_KINDS: dict[str, Callable[[Any, dict[str, Any], str], ResolvedModel]] = {
+RUN_KINDS: dict[str, Callable[[Any, str, tuple[int, int]], ResolvedModel]] = {
     "gapfill": _gapfill, "regress": _regress}
 
 
-def _from_run(run: str) -> ResolvedModel:
+def _from_run(run: str, grid: Callable[[list[InputField]], tuple[int, int]]) -> ResolvedModel:
     from engine.ml.train import model_hash
     from engine.pipelines.registry import get_kind
     from engine.pipelines.spec import parse_spec
@@ -179,7 +157,11 @@ def _from_run(run: str) -> ResolvedModel:
         raise SpecError(f"model.run {run} holds {len(ckpts)} checkpoints {ckpts}: apply "
                         "runs one model; pass model.weights for the one to apply")
     ckpt = os.path.join(run, str(ckpts[0]))
-    model = RUN_KINDS[kind](spec, _load_state(ckpt, "checkpoint"), ckpt)
+    if not os.path.isfile(ckpt):
+        raise SpecError(f"checkpoint {ckpt} not found: re-run the training job")
+    inputs = [InputField(f) if isinstance(f, str) else InputField(f.variable, f.level)
+              for f in spec.features]
+    model = RUN_KINDS[kind](spec, ckpt, grid(inputs))
     model.model_hash = model_hash(model.module)
     recorded = rec.get("model_hash")
     if recorded and recorded != model.model_hash:
@@ -196,7 +178,6 @@ def _from_weights(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
     from engine.ml.train import model_hash
 
     path = resolve(m.weights)
-    state = _load_state(path, "model.weights")
     try:
         module = build_architecture(m.architecture, **dict(m.kwargs))
     except SpecError:
@@ -205,7 +186,7 @@ def _from_weights(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
         raise SpecError(f"model.architecture {m.architecture!r} cannot be built with "
                         f"model.kwargs {dict(m.kwargs)}: {str(err).splitlines()[0][:160]}") \
             from None
-    _load_into(module, state, f"model.weights {path}")
+    _load(module, path)
     return ResolvedModel(module=module, model_hash=model_hash(module), mode=m.mode,
                          inputs=[InputField(v) for v in m.variables],
                          output=m.output or "prediction",
@@ -214,8 +195,13 @@ def _from_weights(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
                                  "architecture": m.architecture, "kwargs": dict(m.kwargs)})
 
 
-def resolve_model(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
+def resolve_model(m: Any, resolve: Callable[[str], str],
+                  grid: Callable[[list[InputField]], tuple[int, int]] = lambda f: (1, 1),
+                  ) -> ResolvedModel:
     """The model of an ``apply`` job's ``model`` section, loaded and hashed.
+
+    ``resolve`` makes a path of the spec absolute; ``grid(inputs)`` is the ``(y, x)`` size
+    of the cube the model is applied to (a regress model's per-cell statistics).
 
     Raises
     ------
@@ -227,7 +213,7 @@ def resolve_model(m: Any, resolve: Callable[[str], str]) -> ResolvedModel:
 
     _register()
     if m.run:
-        model = _from_run(resolve(m.run))
+        model = _from_run(resolve(m.run), grid)
         if m.output:
             model.output = m.output
         if m.units:

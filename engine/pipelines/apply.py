@@ -233,21 +233,27 @@ def prepare(spec: ApplySpec) -> ApplyPrepared:
     the model are checked here, so ``validate`` finds what a run would."""
     base = open_input(spec)
     ds = base.ds
-    model = resolve_model(spec.model, spec.resolve)
+
+    def grid(inputs: list[InputField]) -> tuple[int, int]:
+        name = next((f.variable for f in inputs if f.variable in ds.data_vars), None)
+        if name is None:
+            raise CubeError(f"none of the model inputs {[f.label for f in inputs]} is a data "
+                            f"variable of the cube ({', '.join(map(str, ds.data_vars))})")
+        y, x = cube_dims(ds[name], spec.input.dims).horizontal
+        return int(ds.sizes[y]), int(ds.sizes[x])
+
+    model = resolve_model(spec.model, spec.resolve, grid)
     first_var = next((f.variable for f in model.inputs if f.variable in ds.data_vars), None)
     if first_var is None:
         raise CubeError(f"none of the model inputs {[f.label for f in model.inputs]} is a "
                         f"data variable of the cube ({', '.join(map(str, ds.data_vars))})")
     dims = cube_dims(ds[first_var], spec.input.dims)
-    y, x = dims.horizontal
+    dims.horizontal  # noqa: B018 -- raises a one-line CubeError naming input.dims
     if dims.time is None:
         raise CubeError(f"the cube has no time dim ({', '.join(map(str, ds.dims))}): apply "
                         "reprocesses an archive along time; name it in input.dims.time")
     t = dims.time
     inputs = input_channels(ds, model, dims)
-    if model.grid is not None and model.grid != (ds.sizes[y], ds.sizes[x]):
-        raise CubeError(f"the model was trained on a {model.grid[0]} x {model.grid[1]} grid "
-                        f"(per-cell statistics), the cube is {ds.sizes[y]} x {ds.sizes[x]}")
     times = np.asarray(ds[t].values)
     if times.dtype.kind != "M":
         raise CubeError(f"the cube's time coordinate {t!r} holds {times.dtype}, not dates: "
