@@ -221,6 +221,9 @@ def test_changed_model_is_refused_unless_restart(tmp_path, archive_copy, run_cli
     url = str(tmp_path / "out" / "tas.zarr")
     run_apply(_spec(tmp_path, catalog, weights, end="1861", partition="year"))
     before = _chunks(url)
+    moved = shutil.copy(weights, tmp_path / "moved.pt")  # the same model elsewhere: resumes
+    res = run_apply(_spec(tmp_path, catalog, str(moved), end="1861", partition="year"))
+    assert res.write.n_written == 0 and _chunks(url) == before
     _weights(tmp_path / "w.pt", c=C + 1.0)  # same file name, other weights
     with pytest.raises(ResumeError, match=r"different job \(model\).*--restart"):
         plan_run(_spec(tmp_path, catalog, weights, end="1861", partition="year"))
@@ -407,7 +410,8 @@ def test_the_shipped_jobs_run_on_a_reduced_archive(tmp_path):
 
     jobs = os.path.join(ROOT, "jobs")
     model = load_job(os.path.join(jobs, "apply-iris-model.yaml"), [
-        "train.epochs=1", f"output.url={tmp_path / 'model' / 'emulator.zarr'}"])
+        "train.epochs=1", f"output.url={tmp_path / 'model' / 'emulator.zarr'}",
+        f"output.dir={tmp_path / 'model' / 'emulator.run'}"])
     get_kind("gapfill").run(model)
     run = tmp_path / "model" / "emulator.run"
     by_year = load_job(os.path.join(jobs, "apply-iris.yaml"), [

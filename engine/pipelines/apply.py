@@ -377,9 +377,12 @@ class Apply(Job):
                 f"{p.spec.partition}")
 
     def identity(self, spec: ApplySpec, prepared: Prepared) -> dict[str, str]:
-        """The job without its time range, the catalog entry and the model hash."""
+        """The job without its time range, the catalog entry and the model hash (the
+        model's content: where its run folder or weights file lies does not count)."""
         assert isinstance(prepared, ApplyPrepared)
-        return {"job": spec_fingerprint(replace(spec, time=TimeRangeSpec())),
+        bare = replace(spec, time=TimeRangeSpec(),
+                       model=replace(spec.model, run=None, weights=None))
+        return {"job": spec_fingerprint(bare),
                 "input_entry": f"{spec.input.entry}",
                 "model": prepared.model.model_hash}
 
