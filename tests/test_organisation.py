@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from engine.errors import CubeError, SpecError
 from engine.kernels import organisation as K
+from engine.ops.organisation import organisation_metrics
+from engine.testing.checks import raise_if_dask_computes
 
 
 def _discs(shape: tuple[int, int], dx: float, dy: float,
@@ -275,3 +281,123 @@ def test_same_pattern_on_a_larger_domain(metric: str) -> None:
 def test_tile_metrics_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="unknown metrics"):
         K.tile_metrics(np.zeros((4, 4), bool), 1.0, 1.0, ["iorgg"])
+
+
+# --- the cube operator ----------------------------------------------------------------
+
+_OPS_METRICS = ["cloud_fraction", "object_count", "mean_length", "mean_perimeter", "cop",
+                "iorg", "open_sky", "spectral_length", "orientation"]
+
+
+def _projected_cube(seed: int = 0, nt: int = 3, ny: int = 36, nx: int = 50) -> xr.DataArray:
+    """Smoothed noise on a projected grid of 2 km x 1 km pixels, with a 2-D lat coord."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    v = ndimage.gaussian_filter(rng.normal(size=(nt, ny, nx)), (0, 1.5, 1.5), mode="wrap")
+    y = np.arange(ny) * 2000.0
+    x = np.arange(nx) * 1000.0
+    lat = 50.0 + (y[:, None] + 0 * x[None, :]) / 111e3
+    return xr.DataArray(v, dims=("time", "y", "x"), name="bt",
+                        coords={"time": np.arange(nt), "y": ("y", y, {"units": "m"}),
+                                "x": ("x", x, {"units": "m"}), "lat": (("y", "x"), lat)})
+
+
+def _loop(da: xr.DataArray, ty: int, tx: int, thr: float, metrics: list[str]) -> np.ndarray:
+    v = da.values
+    nt, ny, nx = v.shape
+    out = np.empty((len(metrics), nt, ny // ty, nx // tx))
+    for t in range(nt):
+        for i in range(ny // ty):
+            for j in range(nx // tx):
+                tile = v[t, i * ty:(i + 1) * ty, j * tx:(j + 1) * tx] > thr
+                out[:, t, i, j] = K.tile_metrics(tile, 1.0, 2.0, metrics)
+    return out
+
+
+def test_operator_equals_a_per_tile_loop_and_is_lazy() -> None:
+    da = _projected_cube().chunk({"time": 1, "y": 18, "x": 25})
+    with raise_if_dask_computes():
+        out = organisation_metrics(da, threshold=0.3, tile={"lat": 12, "lon": 10},
+                                   metrics=_OPS_METRICS)
+    assert out.cloud_fraction.dims == ("time", "tile_y", "tile_x")
+    assert out.sizes == {"time": 3, "tile_y": 3, "tile_x": 5}
+    assert out.cloud_fraction.chunks is not None
+    ref = _loop(_projected_cube(), 12, 10, 0.3, _OPS_METRICS)
+    for k, name in enumerate(_OPS_METRICS):
+        np.testing.assert_allclose(out[name].values, ref[k], equal_nan=True, err_msg=name)
+    assert out.mean_length.attrs["units"] == "km"
+    assert out.y.values.tolist() == [11000.0, 35000.0, 59000.0]
+    assert out.lat.dims == ("tile_y", "tile_x")
+    assert float(out.tile_dy) == 2.0 and out.tile_dx.values.tolist() == [1.0] * 3
+    assert out.attrs["engine_tile_km"] == [24.0, 10.0]
+
+
+@settings(max_examples=8, deadline=None)
+@given(cy=st.integers(1, 36), cx=st.integers(1, 50), ct=st.integers(1, 3))
+def test_operator_does_not_depend_on_chunking(cy: int, cx: int, ct: int) -> None:
+    base = organisation_metrics(_projected_cube(), threshold=0.2, tile={"y": 9, "x": 16},
+                                metrics=_OPS_METRICS).compute()
+    other = organisation_metrics(_projected_cube().chunk({"time": ct, "y": cy, "x": cx}),
+                                 threshold=0.2, tile={"y": 9, "x": 16},
+                                 metrics=_OPS_METRICS).compute(scheduler="synchronous")
+    xr.testing.assert_allclose(base, other)
+    assert base.attrs["engine_tiles_trimmed"] == "0 rows, 2 columns"
+
+
+def test_operator_tiles_in_km_below_and_missing_values() -> None:
+    da = _projected_cube()
+    cold = organisation_metrics(da, threshold=-0.3, above=False,
+                                tile={"y": "24km", "x": "10000m"}, metrics=["cloud_fraction"])
+    assert cold.attrs["engine_tile_pixels"] == [12, 10]
+    assert cold.cloud_fraction.values[0, 0, 0] == pytest.approx(
+        float((da.values[0, :12, :10] < -0.3).mean()))
+    holed = da.copy()
+    holed.values[1, 0, 0] = np.nan
+    out = organisation_metrics(holed, threshold=0.3, tile={"y": 12, "x": 10},
+                               metrics=["cloud_fraction"])
+    assert np.isnan(out.cloud_fraction.values[1, 0, 0])
+    assert np.isfinite(out.cloud_fraction.values[1, 0, 1])
+    assert np.isfinite(out.cloud_fraction.values[0, 0, 0])
+
+
+def test_operator_on_latitude_longitude_uses_cos_latitude() -> None:
+    lat = np.arange(0.0, 80.0, 1.0)
+    lon = np.arange(0.0, 20.0, 1.0)
+    v = np.zeros((lat.size, lon.size))
+    v[5, 5] = v[65, 5] = 1.0  # one pixel near the equator, one at 65 N
+    da = xr.DataArray(v, dims=("lat", "lon"), coords={
+        "lat": ("lat", lat, {"units": "degrees_north"}),
+        "lon": ("lon", lon, {"units": "degrees_east"})})
+    out = organisation_metrics(da, threshold=0.5, tile={"lat": 10, "lon": 20},
+                               metrics=["mean_perimeter", "mean_length"])
+    r = 6371.0088 * np.pi / 180
+    for i in (0, 6):
+        dx = r * np.cos(np.radians(lat[i * 10:(i + 1) * 10])).mean()
+        assert float(out.tile_dx[i]) == pytest.approx(dx)
+        assert float(out.mean_perimeter[i, 0]) == pytest.approx(2 * (dx + r))
+        assert float(out.mean_length[i, 0]) == pytest.approx(np.sqrt(dx * r))
+    assert out.mean_perimeter.dims == ("tile_y", "tile_x")
+    assert out.lat.values[:2].tolist() == [4.5, 14.5]
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda ds: organisation_metrics(ds, "cth", threshold=1, tile={"y": 4, "x": 4}),
+     CubeError, "variable 'cth' is not in the cube"),
+    (lambda ds: organisation_metrics(ds, "bt", threshold=1, tile={"y": 40, "x": 4}),
+     SpecError, "larger than the cube"),
+    (lambda ds: organisation_metrics(ds, "bt", threshold=1, tile={"y": 4, "x": 4},
+                                     metrics=["iorg", "lorg"]), SpecError, "unknown metrics"),
+    (lambda ds: organisation_metrics(ds, "bt", threshold=1, tile={"y": 4}),
+     SpecError, "both horizontal dims"),
+    (lambda ds: organisation_metrics(ds, "bt", threshold=1, tile={"y": 4, "x": "far"}),
+     SpecError, "give pixels"),
+    (lambda ds: organisation_metrics(ds.assign_coords(x=ds.x.assign_attrs(units="furlong")),
+                                     "bt", threshold=1, tile={"y": 4, "x": 4}),
+     CubeError, "give dx and dy"),
+])
+def test_operator_bad_input_is_one_line(call, err, match) -> None:  # type: ignore[no-untyped-def]
+    ds = _projected_cube().to_dataset()
+    with pytest.raises(err, match=match) as info:
+        call(ds)
+    assert "\n" not in str(info.value)
