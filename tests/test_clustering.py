@@ -118,6 +118,39 @@ def test_scores_bootstrap_ci_contains_estimate_and_narrows():
     assert again == big
 
 
+def test_scores_bootstrap_is_the_percentile_interval_of_resampled_rows():
+    rng = np.random.default_rng(4)
+    y = rng.choice(["fish", "flower", "gravel", "sugar"], 300)
+    p = np.where(rng.random(300) < 0.5, np.searchsorted(np.unique(y), y), rng.integers(0, 5, 300))
+    s = C.scores(y, p, n_boot=60, seed=11)
+    # the same resamples, scored row by row through the public functions
+    again = np.random.default_rng(11)
+    naive = {"nmi": [], "ari": [], "purity": [], "sugar": []}
+    for _ in range(60):
+        i = again.integers(0, 300, 300)
+        naive["nmi"].append(C.nmi(y[i], p[i]))
+        naive["ari"].append(C.adjusted_rand(y[i], p[i]))
+        overall, per = C.purity(y[i], p[i])
+        naive["purity"].append(overall)
+        naive["sugar"].append(per["sugar"])
+    for name in ("nmi", "ari", "purity"):
+        np.testing.assert_allclose(s[f"{name}_ci"], np.percentile(naive[name], [2.5, 97.5]))
+    np.testing.assert_allclose(s["purity_per_class_ci"]["sugar"],
+                               np.percentile(naive["sugar"], [2.5, 97.5]))
+    assert set(s["purity_per_class"]) == {"fish", "flower", "gravel", "sugar"}
+
+
+def test_scores_without_bootstrap_or_silhouette():
+    s = C.scores([0, 1, 0, 1, 2], [0, 0, 0, 0, 0], np.arange(10.0).reshape(5, 2), n_boot=0)
+    assert s["nmi_ci"] is None and s["purity_per_class_ci"]["0"] is None
+    assert s["silhouette"] is None and s["silhouette_ci"] is None  # one cluster: undefined
+    assert s["nmi"] == 0.0 and s["purity"] == pytest.approx(2 / 5)
+    table = C.nmi_vs_scale({1: np.random.default_rng(0).normal(size=(40, 3))},
+                           np.arange(40) % 2, k=2, n_boot=0)
+    assert table[0]["nmi_low"] is None
+    C.nmi_vs_scale_plot(table)
+
+
 def test_scores_rejects_mismatched_lengths():
     with pytest.raises(SpecError, match="labels_pred"):
         C.scores([0, 1, 0], [0, 1])

@@ -422,16 +422,7 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def nmi(labels_true: Any, labels_pred: Any) -> float:
-    """Normalised mutual information with **arithmetic** normalisation.
-
-    ``NMI = I(U; V) / ((H(U) + H(V)) / 2)`` (natural logs; scikit-learn's default
-    ``average_method="arithmetic"``). Both labelings constant gives 1.0, one constant 0.0.
-
-    >>> nmi([0, 0, 1, 1], [1, 1, 0, 0])
-    1.0
-    """
-    t = _contingency(np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel())
+def _nmi_table(t: np.ndarray) -> float:
     hu, hv = _entropy(t.sum(1)), _entropy(t.sum(0))
     if hu == 0.0 and hv == 0.0:
         return 1.0
@@ -440,23 +431,17 @@ def nmi(labels_true: Any, labels_pred: Any) -> float:
     n = t.sum()
     nz = t > 0
     pij = t[nz] / n
-    outer = np.outer(t.sum(1), t.sum(0))[nz] / (n * n)
+    outer = np.outer(t.sum(1), t.sum(0))[nz] / (float(n) * float(n))
     mi = float((pij * np.log(pij / outer)).sum())
     return float(min(1.0, max(0.0, mi / ((hu + hv) / 2.0))))
 
 
-def adjusted_rand(labels_true: Any, labels_pred: Any) -> float:
-    """Adjusted Rand index (Hubert & Arabie 1985): 1 for identical partitions, about 0
-    for independent ones, negative below chance.
-
-    >>> round(adjusted_rand([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]), 6)  # 8/33
-    0.242424
-    """
-    t = _contingency(np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel())
+def _ari_table(t: np.ndarray) -> float:
     n = int(t.sum())
 
     def comb2(v: np.ndarray) -> float:
-        return float((v * (v - 1) // 2).sum())
+        v = v.astype(np.float64)
+        return float((v * (v - 1) / 2).sum())
 
     sum_ij = comb2(t)
     sum_a, sum_b = comb2(t.sum(1)), comb2(t.sum(0))
@@ -466,6 +451,37 @@ def adjusted_rand(labels_true: Any, labels_pred: Any) -> float:
     if maximum == expected:  # both trivial partitions (all one cluster / all singletons)
         return 1.0
     return float((sum_ij - expected) / (maximum - expected))
+
+
+def _purity_table(t: np.ndarray) -> tuple[float, np.ndarray]:
+    rows = t.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.where(rows > 0, t.max(1) / np.maximum(rows, 1), np.nan)
+    return float(t.max(0).sum() / t.sum()), per
+
+
+def nmi(labels_true: Any, labels_pred: Any) -> float:
+    """Normalised mutual information with **arithmetic** normalisation.
+
+    ``NMI = I(U; V) / ((H(U) + H(V)) / 2)`` (natural logs; scikit-learn's default
+    ``average_method="arithmetic"``). Both labelings constant gives 1.0, one constant 0.0.
+
+    >>> nmi([0, 0, 1, 1], [1, 1, 0, 0])
+    1.0
+    """
+    return _nmi_table(_contingency(np.asarray(labels_true).ravel(),
+                                   np.asarray(labels_pred).ravel()))
+
+
+def adjusted_rand(labels_true: Any, labels_pred: Any) -> float:
+    """Adjusted Rand index (Hubert & Arabie 1985): 1 for identical partitions, about 0
+    for independent ones, negative below chance.
+
+    >>> round(adjusted_rand([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]), 6)  # 8/33
+    0.242424
+    """
+    return _ari_table(_contingency(np.asarray(labels_true).ravel(),
+                                   np.asarray(labels_pred).ravel()))
 
 
 def silhouette_samples(x: Any, labels: Any) -> np.ndarray:
@@ -507,18 +523,15 @@ def purity(labels_true: Any, labels_pred: Any) -> tuple[float, dict[Any, float]]
     (0.75, {0: 1.0, 1: 0.5})
     """
     lt, lp = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
-    classes = np.unique(lt)
-    t = _contingency(lt, lp)
-    overall = float(t.max(0).sum() / t.sum())
-    per = {c.item(): float(t[i].max() / t[i].sum()) for i, c in enumerate(classes)}
-    return overall, per
+    overall, per = _purity_table(_contingency(lt, lp))
+    return overall, {c.item(): float(v) for c, v in zip(np.unique(lt), per, strict=True)}
 
 
-def _ci(values: Sequence[float]) -> list[float]:
+def _ci(values: Sequence[float] | np.ndarray) -> list[float] | None:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
-        return [math.nan, math.nan]
+        return None
     return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
 
 
@@ -529,11 +542,13 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
     Returns a JSON-ready dict: ``nmi`` (arithmetic normalisation, see :func:`nmi`), ``ari``,
     ``purity`` and ``purity_per_class`` (see :func:`purity`), ``silhouette`` of
     ``labels_pred`` in ``embeddings`` (when given, on a random subsample of
-    ``silhouette_sample`` rows), each point estimate with ``<name>_ci = [low, high]``:
-    percentile bootstrap, 2.5th and 97.5th percentiles of ``n_boot`` resamples of the rows
-    with replacement. The silhouette interval resamples the subsample's per-row silhouette
-    values (the clustering is held fixed in every interval). Also ``n``, ``n_boot`` and
-    ``nmi_normalisation: "arithmetic"``.
+    ``silhouette_sample`` rows; ``None`` when the subsample has fewer than 2 clusters),
+    each point estimate with ``<name>_ci = [low, high]``: percentile bootstrap, 2.5th and
+    97.5th percentiles of ``n_boot`` resamples of the rows with replacement (``None`` when
+    ``n_boot=0``; a class missing from a resample gives no value to its interval). The
+    silhouette interval resamples the subsample's per-row silhouette values. Every
+    interval holds the clustering fixed. Also ``n``, ``n_boot`` and
+    ``nmi_normalisation: "arithmetic"``. Each resample costs ``O(n)`` (one ``bincount``).
 
     Examples
     --------
@@ -548,44 +563,50 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
     n = lt.size
     if n < 2:
         raise SpecError("scores: needs at least 2 labelled rows")
+    if n_boot < 0:
+        raise SpecError(f"scores: n_boot={n_boot} must be >= 0")
     rng = np.random.default_rng(seed)
-    overall, per = purity(lt, lp)
+    classes, ti = np.unique(lt, return_inverse=True)
+    _, pi = np.unique(lp, return_inverse=True)
+    kt, kp = int(ti.max()) + 1, int(pi.max()) + 1
+    code = ti.astype(np.int64) * kp + pi
+
+    def table(rows: np.ndarray | None = None) -> np.ndarray:
+        c = code if rows is None else code[rows]
+        return np.bincount(c, minlength=kt * kp).reshape(kt, kp)
+
+    t = table()
+    overall, per = _purity_table(t)
+    names = [str(c.item()) for c in classes]
     out: dict[str, Any] = {"n": int(n), "n_boot": int(n_boot), "nmi_normalisation": "arithmetic",
-                           "nmi": nmi(lt, lp), "ari": adjusted_rand(lt, lp), "purity": overall,
-                           "purity_per_class": {str(c): v for c, v in per.items()}}
-    boot: dict[str, list[float]] = {"nmi": [], "ari": [], "purity": []}
-    boot_per: dict[str, list[float]] = {str(c): [] for c in per}
-    for _ in range(n_boot):
-        i = rng.integers(0, n, n)
-        bt, bp = lt[i], lp[i]
-        boot["nmi"].append(nmi(bt, bp))
-        boot["ari"].append(adjusted_rand(bt, bp))
-        o, pc = purity(bt, bp)
-        boot["purity"].append(o)
-        for c in boot_per:  # a class absent from a resample gives no value there
-            boot_per[c].append(pc.get(_key_like(c, pc), math.nan))
-    for name, vals in boot.items():
-        out[f"{name}_ci"] = _ci(vals)
-    out["purity_per_class_ci"] = {c: _ci(v) for c, v in boot_per.items()}
+                           "nmi": _nmi_table(t), "ari": _ari_table(t), "purity": overall,
+                           "purity_per_class": dict(zip(names, per.tolist(), strict=True))}
+    boot = np.empty((n_boot, 3))
+    boot_per = np.empty((n_boot, kt))
+    for b in range(n_boot):
+        tb = table(rng.integers(0, n, n))
+        ob, pb = _purity_table(tb)
+        boot[b] = _nmi_table(tb), _ari_table(tb), ob
+        boot_per[b] = pb
+    for j, name in enumerate(("nmi", "ari", "purity")):
+        out[f"{name}_ci"] = _ci(boot[:, j])
+    out["purity_per_class_ci"] = {c: _ci(boot_per[:, j]) for j, c in enumerate(names)}
     if embeddings is not None:
         _check_2d(embeddings, "embeddings")
         if embeddings.shape[0] != n:
             raise SpecError(f"scores: embeddings has {embeddings.shape[0]} rows, labels {n}")
         m = min(n, silhouette_sample)
         idx = np.sort(rng.choice(n, m, replace=False))
-        s = silhouette_samples(_take_rows(embeddings, idx), lp[idx])
-        out["silhouette"] = float(s.mean())
         out["silhouette_n"] = int(m)
-        out["silhouette_ci"] = _ci([float(s[rng.integers(0, m, m)].mean())
-                                    for _ in range(n_boot)])
+        if 2 <= np.unique(lp[idx]).size <= m - 1:
+            s = silhouette_samples(_take_rows(embeddings, idx), lp[idx])
+            out["silhouette"] = float(s.mean())
+            out["silhouette_ci"] = _ci([float(s[rng.integers(0, m, m)].mean())
+                                        for _ in range(n_boot)])
+        else:  # undefined for one cluster (or all singletons)
+            out["silhouette"] = None
+            out["silhouette_ci"] = None
     return out
-
-
-def _key_like(name: str, d: Mapping[Any, float]) -> Any:
-    for k in d:
-        if str(k) == name:
-            return k
-    return None
 
 
 # ------------------------------------------------------------------------- multi-scale
@@ -602,7 +623,8 @@ def nmi_vs_scale(embeddings: Mapping[Any, Any], labels_true: Any | Mapping[Any, 
     a mapping scale -> labels. Each scale is clustered into ``k`` clusters (``kmeans`` or
     ``ward``, optionally after PCA to ``pca_components``) and scored with :func:`scores`.
     Returns one row per scale, sorted by scale: ``scale``, ``n``, ``nmi``, ``nmi_low``,
-    ``nmi_high``, ``ari``, ``ari_low``, ``ari_high``, ``purity``.
+    ``nmi_high``, ``ari``, ``ari_low``, ``ari_high`` (the bounds ``None`` when
+    ``n_boot=0``), ``purity``.
     """
     rows = []
     for scale in sorted(embeddings):
@@ -617,9 +639,11 @@ def nmi_vs_scale(embeddings: Mapping[Any, Any], labels_true: Any | Mapping[Any, 
             raise SpecError(f"nmi_vs_scale: method={method!r}: use 'kmeans' or 'ward'")
         labels = np.asarray(labels.compute() if _is_dask(labels) else labels)
         s = scores(lt, labels, n_boot=n_boot, seed=seed)
-        rows.append({"scale": scale, "n": s["n"], "nmi": s["nmi"], "nmi_low": s["nmi_ci"][0],
-                     "nmi_high": s["nmi_ci"][1], "ari": s["ari"], "ari_low": s["ari_ci"][0],
-                     "ari_high": s["ari_ci"][1], "purity": s["purity"]})
+        nmi_ci = s["nmi_ci"] or [None, None]
+        ari_ci = s["ari_ci"] or [None, None]
+        rows.append({"scale": scale, "n": s["n"], "nmi": s["nmi"], "nmi_low": nmi_ci[0],
+                     "nmi_high": nmi_ci[1], "ari": s["ari"], "ari_low": ari_ci[0],
+                     "ari_high": ari_ci[1], "purity": s["purity"]})
     return rows
 
 
@@ -836,8 +860,8 @@ def nmi_vs_scale_plot(table: Sequence[Mapping[str, Any]], unit: str = "px",
     fig, ax = plt.subplots(figsize=(6, 4))
     s = np.array([float(r["scale"]) for r in table])
     v = np.array([r["nmi"] for r in table])
-    lo = np.array([r["nmi_low"] for r in table])
-    hi = np.array([r["nmi_high"] for r in table])
+    lo = np.array([r["nmi"] if r["nmi_low"] is None else r["nmi_low"] for r in table])
+    hi = np.array([r["nmi"] if r["nmi_high"] is None else r["nmi_high"] for r in table])
     ax.errorbar(s, v, yerr=[v - lo, hi - v], marker="o", capsize=3)
     ax.set_xlabel(f"tile size ({unit})")
     ax.set_ylabel("NMI (arithmetic)")
