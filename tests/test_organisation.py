@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -401,3 +404,54 @@ def test_operator_bad_input_is_one_line(call, err, match) -> None:  # type: igno
     with pytest.raises(err, match=match) as info:
         call(ds)
     assert "\n" not in str(info.value)
+
+
+# --- the shipped job ------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB_FILE = os.path.join(ROOT, "jobs", "cloud-metrics.yaml")
+
+
+def test_shipped_cloud_metrics_job_writes_the_kernels_values(tmp_path, run_cli) -> None:
+    """jobs/cloud-metrics.yaml end to end on the MSG image: every tile's metrics equal the
+    kernels on the same pixels; tiles with missing pixels are NaN; a rerun writes nothing;
+    a bad variable is one line at validate."""
+    from engine.pipelines.cloud_metrics import open_sample
+
+    url = str(tmp_path / "metrics.zarr")
+    args = ["--set", f"output.url={url}"]
+    code, out, err = run_cli(["run", JOB_FILE, "--cluster", "threads", "--quiet", *args])
+    assert code == 0, err
+    written = xr.open_zarr(url)
+    assert written.sizes == {"tile_y": 8, "tile_x": 8}
+    assert written.attrs["engine_job_kind"] == "cloud-metrics"
+    src, _ = open_sample("msg_ir")
+    bt = src["bt"].values
+    dx = float(np.median(np.abs(np.diff(src.x.values)))) / 1000
+    dy = float(np.median(np.abs(np.diff(src.y.values)))) / 1000
+    names = list(K.METRICS)
+    finite = 0
+    for i in range(8):
+        for j in range(8):
+            tile = bt[i * 20:(i + 1) * 20, j * 32:(j + 1) * 32]
+            got = np.array([float(written[m][i, j]) for m in names])
+            if np.isnan(tile).any():
+                assert np.isnan(got).all()
+                continue
+            finite += 1
+            np.testing.assert_allclose(got, K.tile_metrics(tile < 260.0, dx, dy, names),
+                                       rtol=1e-6, equal_nan=True, err_msg=f"tile {i},{j}")
+    assert finite == 56
+    m = json.loads((tmp_path / "metrics.run" / "metrics.json").read_text())
+    assert m["metrics"]["cloud_fraction"]["n_finite"] == 56
+    assert m["metrics"]["iorg"]["mean"] == pytest.approx(
+        float(np.nanmean(written["iorg"].values)))
+    assert (tmp_path / "metrics.run" / "metrics.png").stat().st_size > 0
+
+    code, out, err = run_cli(["run", JOB_FILE, "--cluster", "threads", "--quiet", *args])
+    assert code == 0, err
+    assert "nothing new to compute" in " ".join(out.split())
+
+    code, out, err = run_cli(["validate", JOB_FILE, *args, "--set", "mask.variable=tb"])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "tb" in lines[0], err

@@ -17,7 +17,7 @@ are dropped (``engine_tiles_trimmed`` says how many).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,7 +173,7 @@ def organisation_metrics(
     *,
     threshold: float,
     above: bool = True,
-    tile: Mapping[Hashable, int | str],
+    tile: Mapping[Any, int | str],
     metrics: Sequence[str] | None = None,
     dx: float | None = None,
     dy: float | None = None,
@@ -268,7 +268,9 @@ def organisation_metrics(
     mask = cloud.astype(np.float32).where(da.notnull())
     mask = mask.isel({y: slice(0, n_ty * ty), x: slice(0, n_tx * tx)})
     aux = {k: v for k, v in mask.coords.items() if set(v.dims) == {y, x}}
-    mask = mask.drop_vars([k for k in mask.coords if k not in mask.dims])
+    # coordinates on the pixel grid do not survive tiling (2-D ones come back as centres)
+    mask = mask.drop_vars([k for k in mask.coords
+                           if k not in mask.dims and set(mask[k].dims) & {y, x}])
     blocks = mask.coarsen({y: ty, x: tx}).construct({y: ("tile_y", "py"),
                                                     x: ("tile_x", "px")})
     if blocks.chunks is not None:

@@ -53,7 +53,8 @@ _BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
             "segment": "engine.pipelines.segment:JOB",
             "classify": "engine.pipelines.classify:JOB",
             "regress": "engine.pipelines.regress:JOB",
-            "apply": "engine.pipelines.apply:JOB"}
+            "apply": "engine.pipelines.apply:JOB",
+            "cloud-metrics": "engine.pipelines.cloud_metrics:JOB"}
 
 
 def _load(target: str) -> Any:
