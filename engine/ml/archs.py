@@ -305,3 +305,67 @@ register_architecture("unet_small", unet_small, overwrite=True)
 # Document 000's regression CNN lives with the other whole-field models; importing it here
 # registers ``unidata_cnn`` with the built-in architectures.
 import engine.ml.fields  # noqa: E402,F401
+
+
+class ConvAutoencoder(nn.Module):
+    """A convolutional autoencoder whose bottleneck is a tile embedding (document 004's
+    alternative to Tile2Vec, section 11.2).
+
+    Encoder: ``depth`` stride-2 3x3 convolutions (widths ``base * 2**i``, batch norm,
+    activation), flattened, then a linear layer to ``embedding_dim``. Decoder: the mirror
+    image (linear, ``depth`` stride-2 transposed convolutions, a 3x3 convolution to
+    ``in_channels``). ``forward`` returns the reconstruction, :meth:`encode` the embedding
+    ``(batch, embedding_dim)``. Tiles are ``tile`` pixels square, divisible by
+    ``2**depth``.
+    """
+
+    def __init__(self, in_channels: int, tile: int = 32, embedding_dim: int = 32,
+                 base: int = 16, depth: int = 3, activation: str = "relu") -> None:
+        super().__init__()
+        if depth < 1 or tile % (2 ** depth):
+            raise SpecError(f"conv_autoencoder: tile={tile} must be divisible by "
+                            f"2**depth = {2 ** depth} (depth >= 1)")
+        self.tile, self.depth = tile, depth
+        enc: list[nn.Module] = []
+        cin = in_channels
+        for i in range(depth):
+            cout = base * 2 ** i
+            enc += [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), _activation(activation)]
+            cin = cout
+        self.encoder = nn.Sequential(*enc)
+        self.bottom = (cin, tile // 2 ** depth)
+        flat = cin * self.bottom[1] ** 2
+        self.to_embedding = nn.Linear(flat, embedding_dim)
+        self.from_embedding = nn.Linear(embedding_dim, flat)
+        dec: list[nn.Module] = []
+        for i in reversed(range(depth)):
+            cout = base * 2 ** max(i - 1, 0)
+            dec += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.BatchNorm2d(cout),
+                    _activation(activation)]
+            cin = cout
+        dec.append(nn.Conv2d(cin, in_channels, 3, 1, 1))
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding ``(batch, embedding_dim)`` of tiles ``(batch, C, tile, tile)``."""
+        if tuple(x.shape[-2:]) != (self.tile, self.tile):
+            raise SpecError(f"conv_autoencoder: tiles must be {self.tile}x{self.tile}; got "
+                            f"{tuple(x.shape[-2:])}")
+        return self.to_embedding(torch.flatten(self.encoder(x), 1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Tiles ``(batch, C, tile, tile)`` from embeddings ``(batch, embedding_dim)``."""
+        c, s = self.bottom
+        return self.decoder(self.from_embedding(z).view(z.shape[0], c, s, s))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def conv_autoencoder(in_channels: int, tile: int = 32, embedding_dim: int = 32, base: int = 16,
+                     depth: int = 3, activation: str = "relu") -> ConvAutoencoder:
+    """Factory of :class:`ConvAutoencoder` (registered as ``conv_autoencoder``)."""
+    return ConvAutoencoder(in_channels, tile, embedding_dim, base, depth, activation)
+
+
+register_architecture("conv_autoencoder", conv_autoencoder, overwrite=True)
