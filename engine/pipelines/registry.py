@@ -53,6 +53,7 @@ _BUILTIN = {"gapfill": "engine.pipelines.gapfill:JOB",
             "segment": "engine.pipelines.segment:JOB",
             "classify": "engine.pipelines.classify:JOB",
             "regress": "engine.pipelines.regress:JOB",
+            "embed": "engine.pipelines.embed:JOB",
             "apply": "engine.pipelines.apply:JOB",
             "cloud-metrics": "engine.pipelines.cloud_metrics:JOB"}
 

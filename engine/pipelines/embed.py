@@ -1,0 +1,665 @@
+"""Tile2Vec embeddings of cloud organisation (document 004; issue 12, sections 1-3).
+
+A kind on the job interface (:mod:`engine.pipelines.job`). Data flow: open the cube (a
+catalog entry, or the seeded synthetic organisation fields of
+:mod:`engine.testing.organisation_fields`) and check the variables and tile sizes
+(``prepare``) -> time steps to train and test folds (``split``; the last
+``split.test_fraction`` of the steps, or ``split.test_steps``) -> a ResNet-18 embedder
+trained on triplets of the training steps only (:mod:`engine.ops.triplets`,
+:mod:`engine.ml.embed`) with :func:`engine.ml.fit.fit` (``train``) -> every tile of a window
+grid with a stride over all steps embedded, one row per tile in ``embedding (tile, dim)``
+with its centre ``time``/``y``/``x``, size, fold, label and simple tile statistics; k-means
+clusters fitted on the training steps' tiles (``cluster (tile)``) (``predict``) -> scores of
+the clusters against the labels on the test steps (NMI, ARI, silhouette, purity with
+bootstrap intervals), the same for a baseline that clusters the tile statistics, and an
+NMI-vs-scale table over ``embed.scales`` (``evaluate``) -> the table (``report``).
+
+Validation triplets (early stopping) come from the training steps too, with triplet
+indices no training epoch uses; the test steps are never seen before scoring. The whole
+domain is embedded in this process (the model on one device); the input cube is read
+one time step at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import numpy as np
+import xarray as xr
+
+from engine.errors import CubeError, SpecError
+from engine.ops.stats import check_variables
+from engine.ops.triplets import (
+    TripletSampler,
+    grid_spacing_km,
+    tile_pixels,
+    triplet_batches,
+    triplet_sampler,
+)
+from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
+from engine.pipelines.spec import JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
+
+__all__ = ["SyntheticInputSpec", "EmbedInputSpec", "TileSpec", "TripletSpec", "EmbedSplitSpec",
+           "EmbedModelSpec", "TripletLossSpec", "EmbedGridSpec", "ClusterSpec", "EmbedSpec",
+           "EmbedJob", "window_grid", "tile_statistics", "JOB"]
+
+CHECKPOINT = "best.pt"
+#: Validation triplets use indices from here on: no training epoch reaches them.
+_VAL_OFFSET = 1 << 40
+_STATS = ("mean", "std", "cloud_fraction")
+
+
+@dataclass(frozen=True)
+class SyntheticInputSpec:
+    """The seeded synthetic organisation fields (:func:`organisation_fields`)."""
+
+    n_time: int = 16
+    size: int = 128
+    dx_km: float = 2.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedInputSpec:
+    """A catalog entry, or ``synthetic:`` fields (then ``catalog``/``entry`` stay empty)."""
+
+    catalog: str = ""
+    entry: str = ""
+    chunks: dict[str, int] | None = None
+    storage_options: dict[str, Any] | None = None
+    dims: dict[str, str] | None = None
+    synthetic: SyntheticInputSpec | None = None
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Tile size and the whole-domain grid's stride, in ``unit`` (``km`` or ``px``)."""
+
+    size: float = 64.0
+    unit: Literal["km", "px"] = "km"
+    #: Step of the window grid; default: half a tile.
+    stride: float | None = None
+
+
+@dataclass(frozen=True)
+class TripletSpec:
+    #: Training triplets per epoch (new triplets each epoch) and validation triplets.
+    n_train: int = 1024
+    n_validation: int = 128
+    #: Neighbour distance in km: one value, or [low, high] drawn per triplet.
+    neighbour_km: list[float] = field(default_factory=lambda: [32.0])
+    distant: Literal["other_time", "min_distance"] = "other_time"
+    min_distance_km: float | None = None
+    #: Random flips and quarter turns per tile.
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class EmbedSplitSpec:
+    """Test time steps: listed, or the last ``test_fraction`` of the steps."""
+
+    test_steps: list[int] | None = None
+    test_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class EmbedModelSpec:
+    architecture: Literal["resnet18"] = "resnet18"
+    #: Channels of the first stage (64: the published ResNet-18).
+    width: int = 64
+    stem: Literal["imagenet", "small"] = "imagenet"
+    #: Embedding size (document 004: 100) and the head's hidden layer.
+    dim: int = 100
+    hidden: int = 256
+    dropout: float = 0.25
+    #: A state_dict of this embedder (e.g. another run's best.pt) to start from.
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class TripletLossSpec:
+    margin: float = 1.0
+    distance: Literal["l2", "squared_l2"] = "l2"
+
+
+@dataclass(frozen=True)
+class EmbedGridSpec:
+    #: Tiles per inference batch.
+    batch_size: int = 256
+    #: Other tile sizes (in ``tiles.unit``) embedded by the trained model for the
+    #: NMI-vs-scale table (the model pools globally, so any size goes through it).
+    scales: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    #: Clusters of k-means (null: as many as the label classes, else 4).
+    k: int | None = None
+    n_boot: int = 200
+    #: Threshold of ``cloud_fraction`` in the tile statistics.
+    cloud_threshold: float = 0.15
+
+
+@dataclass(frozen=True)
+class EmbedSpec(JobSpecBase):
+    """A Tile2Vec embedding job: train on triplets, embed the domain, cluster, score."""
+
+    name: str
+    input: EmbedInputSpec
+    output: OutputSpec
+    #: Variables stacked as channels.
+    variables: list[str] = field(default_factory=lambda: ["cloud"])
+    #: A label variable, (time) or (time, y, x), to score clusters against; null: none.
+    labels: str | None = None
+    kind: Literal["embed"] = "embed"
+    tiles: TileSpec = field(default_factory=TileSpec)
+    triplets: TripletSpec = field(default_factory=TripletSpec)
+    split: EmbedSplitSpec = field(default_factory=EmbedSplitSpec)
+    model: EmbedModelSpec = field(default_factory=EmbedModelSpec)
+    loss: TripletLossSpec = field(default_factory=TripletLossSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=10, batch_size=32,
+                                                                learning_rate=1e-3,
+                                                                patience=5))
+    embed: EmbedGridSpec = field(default_factory=EmbedGridSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    seed: int = 0
+    base_dir: str = "."
+
+    def check(self) -> None:
+        super().check()
+        i = self.input
+        if (i.synthetic is not None) == bool(i.catalog or i.entry):
+            raise SpecError("input needs either catalog and entry, or synthetic: {...} "
+                            "(not both)")
+        if i.synthetic is not None:
+            s = i.synthetic
+            if not (1 <= s.n_time <= 10_000 and 16 <= s.size <= 8192 and s.dx_km > 0):
+                raise SpecError("input.synthetic needs n_time in [1, 10000], size in "
+                                f"[16, 8192] and dx_km > 0, got {s}")
+        if not self.variables or len(set(self.variables)) != len(self.variables):
+            raise SpecError(f"variables must list each channel once, got {self.variables}")
+        if not self.tiles.size > 0:
+            raise SpecError(f"tiles.size must be > 0, got {self.tiles.size}")
+        if self.tiles.stride is not None and not self.tiles.stride > 0:
+            raise SpecError(f"tiles.stride must be > 0, got {self.tiles.stride}")
+        t = self.triplets
+        if not (1 <= t.n_train <= 10_000_000 and 1 <= t.n_validation <= 1_000_000):
+            raise SpecError("triplets.n_train and triplets.n_validation must be >= 1")
+        if len(t.neighbour_km) not in (1, 2) or not all(v > 0 for v in t.neighbour_km) or \
+                t.neighbour_km[0] > t.neighbour_km[-1]:
+            raise SpecError(f"triplets.neighbour_km must be a distance > 0 or [low, high], "
+                            f"got {t.neighbour_km}")
+        if t.distant == "min_distance" and not (t.min_distance_km or 0) > 0:
+            raise SpecError("triplets.distant: min_distance needs triplets.min_distance_km > 0")
+        if not 0 < self.split.test_fraction < 1:
+            raise SpecError(f"split.test_fraction must be in (0, 1), got "
+                            f"{self.split.test_fraction}")
+        m = self.model
+        if not (1 <= m.dim <= 4096 and 1 <= m.width <= 256 and 1 <= m.hidden <= 8192
+                and 0 <= m.dropout < 1):
+            raise SpecError("model needs dim in [1, 4096], width in [1, 256], hidden in "
+                            f"[1, 8192] and dropout in [0, 1), got {m}")
+        if not self.loss.margin > 0:
+            raise SpecError(f"loss.margin must be > 0, got {self.loss.margin}")
+        if not 1 <= self.embed.batch_size <= 65536:
+            raise SpecError(f"embed.batch_size must be in [1, 65536], got "
+                            f"{self.embed.batch_size}")
+        if any(not s > 0 for s in self.embed.scales):
+            raise SpecError(f"embed.scales must be sizes > 0, got {self.embed.scales}")
+        c = self.cluster
+        if c.k is not None and not 2 <= c.k <= 1000:
+            raise SpecError(f"cluster.k must be in [2, 1000], got {c.k}")
+        if not 0 <= c.n_boot <= 10_000:
+            raise SpecError(f"cluster.n_boot must be in [0, 10000], got {c.n_boot}")
+
+
+@dataclass(kw_only=True)
+class EmbedPrepared(Prepared):
+    spec: EmbedSpec
+    #: (time, channel, y, x) float32, lazy.
+    data: xr.DataArray
+    labels: xr.DataArray | None
+    dy_km: float
+    dx_km: float
+    tile: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Time-step indices of each fold (0 train, 1 test)."""
+
+    train: list[int]
+    test: list[int]
+
+    def folds(self, n_time: int) -> np.ndarray:
+        f = np.zeros(n_time, np.int8)
+        f[self.test] = 1
+        return f
+
+    def attrs(self) -> dict[str, Any]:
+        return {"split_method": "time_steps", "split_train": self.train,
+                "split_test": self.test}
+
+
+@dataclass(kw_only=True)
+class EmbedTrained(Trained):
+    pass
+
+
+def window_grid(n: int, tile: int, stride: int) -> np.ndarray:
+    """Start indices of windows of ``tile`` with step ``stride`` that fit in ``n``.
+
+    >>> window_grid(10, 4, 3).tolist()
+    [0, 3, 6]
+    """
+    if tile > n:
+        return np.zeros(0, np.int64)
+    return np.arange(0, n - tile + 1, stride, dtype=np.int64)
+
+
+def tile_statistics(tiles: np.ndarray, threshold: float) -> np.ndarray:
+    """Per tile ``(mean, std, cloud_fraction)`` of the first channel, ``(n, 3)`` float32.
+
+    >>> tile_statistics(np.array([[[[0.0, 1.0], [0.0, 1.0]]]]), 0.5).tolist()
+    [[0.5, 0.5, 0.5]]
+    """
+    c = tiles[:, 0].reshape(len(tiles), -1)
+    return np.stack([c.mean(1), c.std(1), (c > threshold).mean(1)], axis=1).astype(np.float32)
+
+
+def _open(spec: EmbedSpec) -> Prepared:
+    if spec.input.synthetic is not None:
+        from engine.testing.organisation_fields import organisation_fields
+
+        s = spec.input.synthetic
+        ds = organisation_fields(s.n_time, s.size, dx_km=s.dx_km, seed=s.seed)
+        ds.attrs["engine_catalog"] = "synthetic:engine.testing.organisation_fields"
+        ds.attrs["engine_entry"] = f"organisation_fields(n_time={s.n_time}, size={s.size}, " \
+                                   f"dx_km={s.dx_km}, seed={s.seed})"
+        return Prepared(spec=spec, ds=ds)
+    return open_input(spec)
+
+
+def prepare(spec: EmbedSpec) -> EmbedPrepared:
+    """Open the cube; check variables, dims, labels and tile sizes against it."""
+    from engine.dims import cube_dims
+
+    base = _open(spec)
+    ds = base.ds
+    check_variables(ds, list(spec.variables), "variables")
+    dims = cube_dims(ds[spec.variables[0]], spec.input.dims)
+    y, x = dims.horizontal
+    tdim = dims.time
+    arrays = []
+    for v in spec.variables:
+        a = ds[v]
+        if tdim not in a.dims:
+            raise CubeError(f"variable {v!r} has no time dim {tdim!r}: triplets take the "
+                            "distant tile from another time step")
+        extra = [d for d in a.dims if d not in (tdim, y, x)]
+        if extra:
+            raise CubeError(f"variable {v!r} has dims {extra} besides time, {y} and {x}; "
+                            "select them in the catalog entry")
+        arrays.append(a.transpose(tdim, y, x))
+    data = xr.concat(arrays, dim="channel").transpose(tdim, "channel", y, x)
+    data = data.astype(np.float32).rename({tdim: "time", y: "y", x: "x"})
+    dy, dx = grid_spacing_km(data)
+    labels = None
+    if spec.labels is not None:
+        check_variables(ds, [spec.labels], "labels")
+        lab = ds[spec.labels]
+        if tdim not in lab.dims or not set(lab.dims) <= {tdim, y, x}:
+            raise CubeError(f"labels {spec.labels!r} must be on (time) or (time, y, x), got "
+                            f"{lab.dims}")
+        labels = lab.rename({d: n for d, n in ((tdim, "time"), (y, "y"), (x, "x"))
+                             if d in lab.dims})
+    spacing = min(dy, dx)
+    tile = tile_pixels(spec.tiles.size, spec.tiles.unit, spacing)
+    stride = tile // 2 if spec.tiles.stride is None else \
+        tile_pixels(spec.tiles.stride, spec.tiles.unit, spacing)
+    ny, nx = data.sizes["y"], data.sizes["x"]
+    if tile > min(ny, nx):
+        raise SpecError(f"tiles.size {spec.tiles.size:g} {spec.tiles.unit} is {tile} px, "
+                        f"larger than the grid ({ny} x {nx}): use smaller tiles")
+    for s in spec.embed.scales:
+        px = tile_pixels(s, spec.tiles.unit, spacing)
+        if px > min(ny, nx):
+            raise SpecError(f"embed.scales {s:g} {spec.tiles.unit} is {px} px, larger than "
+                            f"the grid ({ny} x {nx})")
+    if data.sizes["time"] < 2:
+        raise CubeError("the cube has one time step: triplets and the test fold need two "
+                        "or more")
+    return EmbedPrepared(spec=spec, ds=ds, dims=dims, data=data, labels=labels, dy_km=dy,
+                         dx_km=dx, tile=tile, stride=stride, input_url=base.input_url,
+                         input_storage_options=base.input_storage_options)
+
+
+def time_split(p: EmbedPrepared) -> TimeSplit:
+    """The listed test steps, or the last ``test_fraction`` of them; the rest train."""
+    n = p.data.sizes["time"]
+    s = p.spec.split
+    if s.test_steps is not None:
+        bad = [t for t in s.test_steps if not 0 <= t < n]
+        if bad or not s.test_steps:
+            raise SpecError(f"split.test_steps {bad or '[]'} must be step indices in "
+                            f"[0, {n})")
+        test = sorted(set(s.test_steps))
+    else:
+        k = max(1, math.ceil(s.test_fraction * n))
+        test = list(range(n - k, n))
+    train = [t for t in range(n) if t not in test]
+    if len(train) < 2 and p.spec.triplets.distant == "other_time":
+        raise SpecError(f"{len(train)} training time step(s): the 'other_time' rule needs "
+                        "two; hold out fewer steps")
+    return TimeSplit(train=train, test=test)
+
+
+def _valid_folds(p: EmbedPrepared, s: TimeSplit) -> np.ndarray:
+    """Fold of every pixel (time, y, x): 0 train, 1 test, -1 where a channel is missing."""
+    (ok,) = dask.compute(p.data.notnull().all("channel").data)
+    f = s.folds(p.data.sizes["time"])[:, None, None]
+    return np.where(np.asarray(ok), f, -1).astype(np.int8)
+
+
+class EmbedJob(Job):
+    """Tile2Vec embeddings (document 004) trained on triplets, clustered and scored."""
+
+    name = "embed"
+    summary = ("Tile2Vec embeddings (document 004): a ResNet-18 trained on triplets in km, "
+               "whole-domain embeddings per tile, k-means clusters scored against labels")
+    title = "tile embeddings"
+    spec = EmbedSpec
+
+    def prepare(self, spec: EmbedSpec) -> EmbedPrepared:
+        return prepare(spec)
+
+    def split(self, prepared: EmbedPrepared) -> TimeSplit:  # type: ignore[override]
+        return time_split(prepared)
+
+    def describe(self, p: EmbedPrepared) -> str:  # type: ignore[override]
+        s = time_split(p)
+        return (f"{', '.join(p.spec.variables)}: tiles {p.tile} px ({p.tile * p.dx_km:g} km), "
+                f"stride {p.stride} px; train steps {len(s.train)}, test steps {s.test}; "
+                f"cube {dict(p.data.sizes)}")
+
+    def _sampler(self, p: EmbedPrepared, s: TimeSplit) -> TripletSampler:
+        t = p.spec.triplets
+        nb = t.neighbour_km
+        return triplet_sampler(_valid_folds(p, s), tile=p.tile,
+                               neighbour_km=float(nb[0]) if len(nb) == 1 else (nb[0], nb[1]),
+                               distant=t.distant, min_distance_km=t.min_distance_km,
+                               seed=p.spec.seed, dx_km=p.dx_km, dy_km=p.dy_km)
+
+    def train(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
+              ctx: RunContext) -> EmbedTrained:
+        from engine.ml.archs import load_weights
+        from engine.ml.embed import save_weights, tile_embedder, triplet_accuracy, triplet_loss
+        from engine.ml.fit import fit
+        from engine.ml.train import load_checkpoint, model_hash, seed_everything
+
+        spec = p.spec
+        m = spec.model
+        seed_everything(spec.seed)
+        model = tile_embedder(len(spec.variables), m.dim, m.width, m.stem, m.hidden, m.dropout)
+        sampler = self._sampler(p, s)
+        t, tr = spec.train, spec.triplets
+        val_idx = np.arange(_VAL_OFFSET, _VAL_OFFSET + tr.n_validation)
+
+        def val() -> Any:
+            return triplet_batches(p.data, sampler, val_idx, fold=0, batch_size=t.batch_size,
+                                   augment=False)
+
+        if ctx.previous is not None:
+            ctx.log(f"resuming: reusing the trained embedder in {ctx.path(CHECKPOINT)}")
+            load_checkpoint(model, ctx.path(CHECKPOINT))
+            info, fresh = ctx.previous, False
+        else:
+            train_data = p.data.isel(time=s.train)
+            mean, std = dask.compute(train_data.mean(["time", "y", "x"]),
+                                     train_data.std(["time", "y", "x"]))
+            model.set_statistics([float(v) for v in mean], [float(v) for v in std])
+            if m.weights:
+                load_weights(model, spec.resolve(m.weights))
+            ctx.log(f"training on {sampler.n_positions(0):,} tile positions of steps "
+                    f"{s.train}; {sum(q.numel() for q in model.parameters()):,} weights")
+
+            def batches(epoch: int) -> Any:
+                idx = np.arange(epoch * tr.n_train, (epoch + 1) * tr.n_train)
+                return triplet_batches(p.data, sampler, idx, fold=0,
+                                       batch_size=t.batch_size, augment=tr.augment,
+                                       epoch=epoch)
+
+            res = fit(model, batches, loss=triplet_loss(spec.loss.margin, spec.loss.distance),
+                      epochs=t.epochs, lr=t.learning_rate, weight_decay=t.weight_decay,
+                      val=val, patience=t.patience, device="auto", seed=spec.seed,
+                      on_epoch=ctx.on_epoch)
+            save_weights(res.model, ctx.path(CHECKPOINT))
+            model = res.model  # type: ignore[assignment]
+            placed = sampler.sample(val_idx, 0)
+            info = {"seconds": res.seconds, "samples_per_s": res.samples_per_s,
+                    "triplets_seen": res.samples, "best_epoch": res.best_epoch,
+                    "epochs_run": len(res.history), "stopped_early": res.stopped_early,
+                    "tile_px": p.tile, "tile_km": [p.tile * p.dy_km, p.tile * p.dx_km],
+                    "neighbour_km_mean": float(placed.neighbour_km.mean()),
+                    "neighbour_overlap_mean": float(placed.overlap.mean()),
+                    "history": res.history}
+            fresh = True
+        acc, n = triplet_accuracy(model, val(), "auto", spec.loss.distance)
+        info = {**info, "validation_triplet_accuracy": acc, "validation_triplets": n}
+        model.to("cpu").eval()
+        return EmbedTrained(model=model, info=info, model_hash=model_hash(model),
+                            checkpoints=[CHECKPOINT], fresh=fresh)
+
+    def _embed_grid(self, p: EmbedPrepared, model: Any, tile: int,
+                    stride: int) -> dict[str, np.ndarray]:
+        """Every window of the grid at every time step: positions, embeddings, statistics."""
+        from engine.ml.embed import embed_tiles
+
+        spec = p.spec
+        ny, nx = p.data.sizes["y"], p.data.sizes["x"]
+        ys, xs = window_grid(ny, tile, stride), window_grid(nx, tile, stride)
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "y0", "x0", "emb", "stats")}
+        for t in range(p.data.sizes["time"]):
+            (step,) = dask.compute(p.data.isel(time=t).data)  # one step read once
+            win = np.lib.stride_tricks.sliding_window_view(np.asarray(step), (tile, tile),
+                                                           axis=(1, 2))
+            tiles = win[:, ys][:, :, xs].transpose(1, 2, 0, 3, 4)
+            tiles = np.ascontiguousarray(tiles.reshape(-1, *tiles.shape[2:]))
+            ok = np.isfinite(tiles).all(axis=(1, 2, 3))
+            yy, xx = np.meshgrid(ys, xs, indexing="ij")
+            rows["t"].append(np.full(int(ok.sum()), t))
+            rows["y0"].append(yy.ravel()[ok])
+            rows["x0"].append(xx.ravel()[ok])
+            rows["emb"].append(embed_tiles(model, tiles[ok], spec.embed.batch_size, "auto"))
+            rows["stats"].append(tile_statistics(tiles[ok], spec.cluster.cloud_threshold))
+        return {k: np.concatenate(v) for k, v in rows.items()}
+
+    def _tile_labels(self, p: EmbedPrepared, g: dict[str, np.ndarray],
+                     tile: int) -> np.ndarray | None:
+        if p.labels is None:
+            return None
+        (lab,) = dask.compute(p.labels)
+        lab = np.asarray(lab.values)
+        if lab.ndim == 1:
+            return lab[g["t"]].astype(np.int32)
+        out = np.empty(len(g["t"]), np.int32)
+        for j, (t, y0, x0) in enumerate(zip(g["t"], g["y0"], g["x0"], strict=True)):
+            vals = lab[t, y0:y0 + tile, x0:x0 + tile].ravel()
+            vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
+            out[j] = np.bincount(vals.astype(np.int64)).argmax() if vals.size else -1
+        return out
+
+    def _k(self, p: EmbedPrepared, labels: np.ndarray | None) -> int:
+        if p.spec.cluster.k is not None:
+            return p.spec.cluster.k
+        return int(len(np.unique(labels[labels >= 0]))) if labels is not None else 4
+
+    def predict(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
+                trained: EmbedTrained, ctx: RunContext) -> xr.Dataset:
+        from engine.ml.cluster import kmeans
+
+        spec = p.spec
+        g = self._embed_grid(p, trained.model, p.tile, p.stride)
+        labels = self._tile_labels(p, g, p.tile)
+        fold = s.folds(p.data.sizes["time"])[g["t"]]
+        k = self._k(p, labels)
+        fit_rows = np.flatnonzero(fold == 0)
+        km = kmeans(g["emb"][fit_rows], k, seed=spec.seed)
+        cluster = _nearest(g["emb"], km.centers)
+        yv, xv = p.data["y"].values, p.data["x"].values
+        yc = 0.5 * (yv[g["y0"]] + yv[g["y0"] + p.tile - 1])  # centre of the first and last
+        xc = 0.5 * (xv[g["x0"]] + xv[g["x0"] + p.tile - 1])  # pixel centres of the tile
+        size_km = [p.tile * p.dy_km, p.tile * p.dx_km]
+        ycoord, xcoord = p.data["y"].attrs, p.data["x"].attrs
+        out = xr.Dataset(
+            {"embedding": (("tile", "dim"), g["emb"],
+                           {"long_name": "tile embedding (Tile2Vec triplet model)",
+                            "units": "1"}),
+             "cluster": ("tile", cluster.astype(np.int32),
+                         {"long_name": f"k-means cluster of the embedding (k={k}, fitted on "
+                                       "the training steps' tiles)"}),
+             "fold": ("tile", fold.astype(np.int8),
+                      {"long_name": "fold of the tile's time step", "flag_values": [0, 1],
+                       "flag_meanings": "train test"}),
+             "tile_statistics": (("tile", "statistic"), g["stats"],
+                                 {"long_name": "mean, standard deviation and cloud fraction "
+                                               "of the tile's first variable",
+                                  "statistics": " ".join(_STATS)})},
+            coords={"time": ("tile", p.data["time"].values[g["t"]]),
+                    "y": ("tile", yc, {**ycoord, "long_name": "tile centre y"}),
+                    "x": ("tile", xc, {**xcoord, "long_name": "tile centre x"}),
+                    "time_index": ("tile", g["t"].astype(np.int32)),
+                    "y0": ("tile", g["y0"].astype(np.int32),
+                           {"long_name": "first row of the tile (pixel index)"}),
+                    "x0": ("tile", g["x0"].astype(np.int32),
+                           {"long_name": "first column of the tile (pixel index)"}),
+                    "tile_height": ("tile", np.full(len(yc), size_km[0], np.float32),
+                                    {"units": "km", "long_name": "tile size along y",
+                                     "pixels": p.tile}),
+                    "tile_width": ("tile", np.full(len(xc), size_km[1], np.float32),
+                                   {"units": "km", "long_name": "tile size along x",
+                                    "pixels": p.tile})})
+        if labels is not None:
+            out["label"] = xr.DataArray(labels, dims="tile",
+                                        attrs={"long_name": f"{spec.labels} of the tile "
+                                                            "(majority over its pixels)"})
+        out = out.chunk({"tile": 8192})
+        out.attrs.update({"engine_split": json.dumps(s.attrs()),
+                          "engine_tile_px": p.tile, "engine_stride_px": p.stride,
+                          "engine_variables": json.dumps(list(spec.variables)),
+                          "engine_model_kind": f"tile2vec-{spec.model.architecture}"})
+        return out
+
+    def evaluate(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
+                 trained: EmbedTrained, written: xr.Dataset,
+                 ctx: RunContext) -> dict[str, Any]:
+        from engine.ml.cluster import kmeans, scores
+
+        spec = p.spec
+        c = spec.cluster
+        w = written.compute()
+        fold = w["fold"].values
+        emb = w["embedding"].values
+        out: dict[str, Any] = {
+            "job": spec.name, "model_kind": f"tile2vec-{spec.model.architecture}",
+            "model_hash": trained.model_hash, "split": s.attrs(),
+            "tiles": int(w.sizes["tile"]), "tile_px": p.tile, "stride_px": p.stride,
+            "tile_km": [p.tile * p.dy_km, p.tile * p.dx_km],
+            "training": {k: v for k, v in trained.info.items() if k != "history"},
+        }
+        if "label" not in w:
+            out["scores"] = None
+            return out
+        lab = w["label"].values
+        test = (fold == 1) & (lab >= 0)
+        k = self._k(p, lab)
+        out["k"] = k
+        out["scores"] = {
+            "embedding_kmeans": scores(lab[test], w["cluster"].values[test], emb[test],
+                                       n_boot=c.n_boot, seed=spec.seed),
+        }
+        # baseline: the same k-means on standardised tile statistics (no network)
+        st = w["tile_statistics"].values
+        z = (st - st[fold == 0].mean(0)) / np.where(st[fold == 0].std(0) > 0,
+                                                    st[fold == 0].std(0), 1.0)
+        km = kmeans(z[fold == 0], k, seed=spec.seed)
+        base = _nearest(z, km.centers)
+        out["scores"]["tile_statistics_kmeans"] = scores(lab[test], base[test], z[test],
+                                                         n_boot=c.n_boot, seed=spec.seed)
+        out["score_rows"] = "tiles of the test time steps"
+        out["baseline_definition"] = ("k-means (same k, fitted on the training steps) on the "
+                                      "standardised mean, standard deviation and cloud "
+                                      "fraction of each tile")
+        if spec.embed.scales:
+            out["nmi_vs_scale"] = self._scales(p, s, trained, k)
+        return out
+
+    def _scales(self, p: EmbedPrepared, s: TimeSplit, trained: EmbedTrained,
+                k: int) -> list[dict[str, Any]]:
+        from engine.ml.cluster import kmeans, scores
+
+        spec = p.spec
+        rows = []
+        sizes = sorted({float(spec.tiles.size), *map(float, spec.embed.scales)})
+        for size in sizes:
+            tile = tile_pixels(size, spec.tiles.unit, min(p.dy_km, p.dx_km))
+            g = self._embed_grid(p, trained.model, tile, max(1, tile // 2))
+            lab = self._tile_labels(p, g, tile)
+            assert lab is not None
+            fold = s.folds(p.data.sizes["time"])[g["t"]]
+            km = kmeans(g["emb"][fold == 0], k, seed=spec.seed)
+            pred = _nearest(g["emb"], km.centers)
+            test = (fold == 1) & (lab >= 0)
+            sc = scores(lab[test], pred[test], g["emb"][test], n_boot=spec.cluster.n_boot,
+                        seed=spec.seed)
+            rows.append({"size": size, "unit": spec.tiles.unit, "tile_px": tile,
+                         "tile_km": tile * min(p.dy_km, p.dx_km), "tiles": int(test.sum()),
+                         "trained_size": size == float(spec.tiles.size),
+                         **{key: sc[key] for key in ("nmi", "nmi_ci", "ari", "ari_ci",
+                                                     "silhouette", "silhouette_ci")}})
+        return rows
+
+    def report(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
+               trained: EmbedTrained, metrics: dict[str, Any], written: xr.Dataset,
+               ctx: RunContext) -> Report:
+        def ci(v: dict[str, Any], key: str) -> str:
+            if v.get(key) is None:
+                return "-"
+            if v.get(f"{key}_ci") is None or None in v[f"{key}_ci"]:
+                return f"{v[key]:.3f}"
+            lo, hi = v[f"{key}_ci"]
+            return f"{v[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+        rows = []
+        for name, v in (metrics.get("scores") or {}).items():
+            rows.append([name, ci(v, "nmi"), ci(v, "ari"), ci(v, "silhouette")])
+        notes = [f"{metrics['tiles']:,} tiles of {p.tile} px "
+                 f"({p.tile * p.dx_km:g} km); validation triplet accuracy "
+                 f"{trained.info['validation_triplet_accuracy']:.3f}"]
+        for r in metrics.get("nmi_vs_scale", []):
+            notes.append(f"scale {r['size']:g} {r['unit']} ({r['tile_px']} px): NMI "
+                         f"{ci(r, 'nmi')}, {r['tiles']} test tiles")
+        summary: dict[str, Any] = {}
+        if metrics.get("scores"):
+            e = metrics["scores"]["embedding_kmeans"]
+            summary = {"nmi": e["nmi"], "ari": e["ari"], "silhouette": e["silhouette"]}
+        return Report(title=f"{p.spec.name}: clusters vs labels on test steps {s.test}",
+                      columns=["clusters", "NMI [95% CI]", "ARI [95% CI]",
+                               "silhouette [95% CI]"],
+                      rows=rows, notes=notes, files={"checkpoint": ctx.path(CHECKPOINT)},
+                      summary=summary)
+
+
+def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre of each row."""
+    d = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    return d.argmin(1).astype(np.int32)
+
+
+JOB = EmbedJob().as_kind()

@@ -1,0 +1,169 @@
+"""The embed kind (Tile2Vec, document 004): the embedder and its loss, the job end to end
+on the synthetic organisation fields, the bad-input contract."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from engine.errors import SpecError
+from engine.ml.embed import tile_embedder, triplet_loss
+from engine.pipelines.embed import EmbedSpec, window_grid
+from engine.pipelines.spec import parse_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB = os.path.join(ROOT, "jobs", "embed-clouds.yaml")
+
+
+def test_loss_is_document_004s_equation_3():
+    torch.manual_seed(0)
+    out = torch.randn(64, 3, 10)
+    a, n, d = out[:, 0], out[:, 1], out[:, 2]
+    plain = torch.relu((a - n).norm(dim=1) - (a - d).norm(dim=1) + 0.5).mean()
+    sq = torch.relu(((a - n) ** 2).sum(1) - ((a - d) ** 2).sum(1) + 0.5).mean()
+    torch.testing.assert_close(triplet_loss(0.5, "l2")(out, None), plain)
+    torch.testing.assert_close(triplet_loss(0.5, "squared_l2")(out, None), sq)
+    with pytest.raises(SpecError, match="loss.distance"):
+        triplet_loss(1.0, "cosine")  # type: ignore[arg-type]
+
+
+def test_embedder_is_resnet18_with_a_100d_head_and_standardises():
+    m = tile_embedder(2, width=8, stem="small").eval()
+    blocks = [mod for mod in m.backbone.modules() if type(mod).__name__ == "BasicBlock"]
+    assert len(blocks) == 8  # ResNet-18: four stages of two basic blocks
+    x = torch.rand(5, 2, 16, 16) * 40 + 300
+    m.set_statistics([300.0, 310.0], [10.0, 20.0])
+    y = m(x)
+    assert y.shape == (5, 100)
+    m2 = tile_embedder(2, width=8, stem="small").eval()
+    m2.load_state_dict(m.state_dict())
+    m2.set_statistics([0.0, 0.0], [1.0, 1.0])
+    xs = (x - torch.tensor([300.0, 310.0]).view(1, 2, 1, 1)) / torch.tensor([10.0, 20.0]).view(
+        1, 2, 1, 1)
+    torch.testing.assert_close(m2(xs), y)
+    # triplets go through the same network: (B, 3, C, h, w) -> (B, 3, dim)
+    trip = x[:3].unsqueeze(1).expand(3, 3, 2, 16, 16)
+    torch.testing.assert_close(m(trip)[:, 1], y[:3])
+
+
+def test_window_grid():
+    assert window_grid(128, 32, 16).tolist() == list(range(0, 97, 16))
+    assert window_grid(10, 11, 1).tolist() == []
+
+
+def _spec(**changes) -> EmbedSpec:
+    data = yaml.safe_load(open(JOB))
+    data.update(changes)
+    spec = parse_spec(data, base_dir=os.path.join(ROOT, "jobs"))
+    assert isinstance(spec, EmbedSpec)
+    return spec
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"input": {"synthetic": {"n_time": 4}, "catalog": "x.yaml", "entry": "e"}},
+     "either catalog and entry, or synthetic"),
+    ({"triplets": {"neighbour_km": [40, 20]}}, "triplets.neighbour_km"),
+    ({"triplets": {"distant": "min_distance"}}, "min_distance_km > 0"),
+    ({"loss": {"margin": 0}}, "loss.margin must be > 0"),
+    ({"cluster": {"k": 1}}, "cluster.k must be in"),
+    ({"split": {"test_fraction": 1.0}}, "split.test_fraction"),
+])
+def test_spec_checks_name_the_field(changes, words):
+    with pytest.raises(SpecError, match=words):
+        _spec(**changes)
+
+
+def _job(tmp_path, **changes) -> str:
+    """The shipped job, reduced: a smaller domain, fewer and smaller batches."""
+    data = yaml.safe_load(open(JOB))
+    data["input"]["synthetic"].update(n_time=8, size=64)
+    data["triplets"].update(n_train=96, n_validation=64)
+    data["train"].update(epochs=2, batch_size=16)
+    data["embed"]["scales"] = [48]
+    data["cluster"]["n_boot"] = 20
+    data["model"]["width"] = 8
+    for k, v in changes.items():
+        data[k] = v
+    data["output"]["url"] = str(tmp_path / "out" / "emb.zarr")
+    path = tmp_path / "embed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"variables": ["clouds"]}, "'clouds' is not in the cube"),
+    ({"labels": "klass"}, "'klass' is not in the cube"),
+    ({"tiles": {"size": 400, "unit": "km"}}, "larger than the grid"),
+    ({"split": {"test_steps": [3, 9]}}, "split.test_steps [9]"),
+    ({"model": {"width": 0}}, "model needs"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, run_cli, changes, words):
+    job = _job(tmp_path, **changes)
+    for verb in (["validate", job], ["run", job, "--cluster", "threads"]):
+        code, _, err = run_cli(verb)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reduced_job_end_to_end(tmp_path, run_cli):
+    """Train, embed the whole domain, cluster and score; the store maps back to the grid
+    and the scores are recomputed from it."""
+    from engine.ml.cluster import scores
+    from engine.testing.organisation_fields import organisation_fields
+
+    job = _job(tmp_path)
+    code, out, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
+    assert code == 0, err
+    ds = xr.open_zarr(tmp_path / "out" / "emb.zarr")
+    run = tmp_path / "out" / "emb.run"
+    m = json.load(open(run / "metrics.json"))
+    # 64 x 64 px at 2 km, tiles 32 px, stride 16 px: 3 x 3 windows per step, 8 steps
+    assert ds.sizes["tile"] == 8 * 9 and ds["embedding"].shape == (72, 100)
+    assert ds.attrs["engine_job_kind"] == "embed"
+    src = organisation_fields(8, 64, dx_km=2.0, seed=0, chunks={})
+    t, y0, x0 = (ds[k].values for k in ("time_index", "y0", "x0"))
+    np.testing.assert_array_equal(ds["time"].values, src.time.values[t])
+    # tile centres in km: first and last pixel centres' midpoint (1 km + 2 km * index)
+    np.testing.assert_allclose(ds["y"].values, 1.0 + 2.0 * (y0 + 15.5))
+    np.testing.assert_allclose(ds["x"].values, 1.0 + 2.0 * (x0 + 15.5))
+    assert set(ds["tile_width"].values.tolist()) == {64.0}
+    np.testing.assert_array_equal(ds["label"].values, src["class"].values[t])
+    np.testing.assert_array_equal(ds["fold"].values, (t >= 6).astype(int))  # last 25 %
+    assert m["split"]["split_test"] == [6, 7]
+    # the tile statistics are the tiles' own
+    j = 17
+    tile = src.cloud.values[t[j], y0[j]:y0[j] + 32, x0[j]:x0[j] + 32]
+    np.testing.assert_allclose(ds["tile_statistics"].values[j],
+                               [tile.mean(), tile.std(), (tile > 0.15).mean()], rtol=1e-5)
+    # clusters are the nearest k-means centre of each embedding; k = 4 used
+    assert set(np.unique(ds["cluster"].values)) <= {0, 1, 2, 3}
+    # scores recomputed from the store equal metrics.json
+    test = ds["fold"].values == 1
+    again = scores(ds["label"].values[test], ds["cluster"].values[test],
+                   ds["embedding"].values[test], n_boot=20, seed=0)
+    e = m["scores"]["embedding_kmeans"]
+    for key in ("nmi", "ari", "silhouette", "nmi_ci"):
+        assert again[key] == pytest.approx(e[key])
+    assert e["n"] == int(test.sum()) == 18
+    assert 0 <= e["nmi"] <= 1 and e["nmi_ci"][0] <= e["nmi"] <= e["nmi_ci"][1]
+    assert "tile_statistics_kmeans" in m["scores"]
+    assert [r["tile_px"] for r in m["nmi_vs_scale"]] == [24, 32]
+    tr = m["training"]
+    assert tr["epochs_run"] == 2 and tr["triplets_seen"] == 2 * 96
+    assert 0 <= tr["validation_triplet_accuracy"] <= 1 and tr["validation_triplets"] == 64
+    assert 0.0 < tr["neighbour_overlap_mean"] < 1.0
+    assert (run / "best.pt").stat().st_size > 0
+
+    # a rerun reuses the model and the store
+    code, out, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
+    assert code == 0, err
+    m2 = json.load(open(run / "metrics.json"))
+    assert m2["model_hash"] == m["model_hash"]
+    assert m2["scores"]["embedding_kmeans"]["nmi"] == e["nmi"]
