@@ -406,6 +406,18 @@ def test_operator_bad_input_is_one_line(call, err, match) -> None:  # type: igno
     assert "\n" not in str(info.value)
 
 
+def test_msg_store_is_the_converted_sample(tmp_path) -> None:
+    """catalogs/data/msg_ir.zarr is what convert_msg_sample makes from iris-sample-data."""
+    from engine.io.archive_sample import sample_dir
+    from engine.pipelines.cloud_metrics import MSG_FILE, convert_msg_sample
+
+    fresh = xr.open_zarr(convert_msg_sample(str(tmp_path / "msg.zarr")))
+    shipped = xr.open_zarr(os.path.join(ROOT, "catalogs", "data", "msg_ir.zarr"))
+    xr.testing.assert_identical(fresh.drop_attrs(), shipped.drop_attrs())
+    with xr.open_dataset(os.path.join(sample_dir(), MSG_FILE)) as raw:
+        np.testing.assert_array_equal(shipped.bt.values[0], raw["data"].values)
+
+
 # --- the shipped job ------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,17 +428,16 @@ def test_shipped_cloud_metrics_job_writes_the_kernels_values(tmp_path, run_cli) 
     """jobs/cloud-metrics.yaml end to end on the MSG image: every tile's metrics equal the
     kernels on the same pixels; tiles with missing pixels are NaN; a rerun writes nothing;
     a bad variable is one line at validate."""
-    from engine.pipelines.cloud_metrics import open_sample
-
     url = str(tmp_path / "metrics.zarr")
     args = ["--set", f"output.url={url}"]
     code, out, err = run_cli(["run", JOB_FILE, "--cluster", "threads", "--quiet", *args])
     assert code == 0, err
     written = xr.open_zarr(url)
-    assert written.sizes == {"tile_y": 8, "tile_x": 8}
+    assert written.sizes == {"time": 1, "tile_y": 8, "tile_x": 8}
     assert written.attrs["engine_job_kind"] == "cloud-metrics"
-    src, _ = open_sample("msg_ir")
-    bt = src["bt"].values
+    assert written.lat.dims == ("tile_y", "tile_x") and written.iorg.attrs["units"] == "1"
+    src = xr.open_zarr(os.path.join(ROOT, "catalogs", "data", "msg_ir.zarr"))
+    bt = src["bt"].values[0]
     dx = float(np.median(np.abs(np.diff(src.x.values)))) / 1000
     dy = float(np.median(np.abs(np.diff(src.y.values)))) / 1000
     names = list(K.METRICS)
@@ -434,7 +445,7 @@ def test_shipped_cloud_metrics_job_writes_the_kernels_values(tmp_path, run_cli) 
     for i in range(8):
         for j in range(8):
             tile = bt[i * 20:(i + 1) * 20, j * 32:(j + 1) * 32]
-            got = np.array([float(written[m][i, j]) for m in names])
+            got = np.array([float(written[m][0, i, j]) for m in names])
             if np.isnan(tile).any():
                 assert np.isnan(got).all()
                 continue

@@ -8,16 +8,20 @@ writes it resumably) -> per-metric summaries over the written tiles (``evaluate`
 of the mask and two metrics, and the table (``report``).
 
 Input
-    A catalog entry (``input.catalog``, ``input.entry``) or ``input.sample: msg_ir``, the
+    Any catalog entry. The shipped job reads ``catalogs/clouds.yaml``'s ``msg_ir``: the
     MSG 10.8 micron brightness-temperature image (EUMETSAT, 2016-05-16 12 UTC; 160 x 256
-    pixels of about 35.5 km on a polar stereographic grid) that ships in
-    ``iris-sample-data`` (a test dependency): cold cloud tops are ``bt < 260 K``. Pixel
-    sizes are those of the projection plane (its scale factor varies over the image).
+    pixels of about 35.5 km on a polar stereographic grid) from ``iris-sample-data``
+    2.5.2, converted to Zarr by :func:`convert_msg_sample` (``python -m
+    engine.pipelines.cloud_metrics`` regenerates it): cold cloud tops are ``bt < 260 K``.
+    Pixel sizes are those of the projection plane (its scale factor varies over the
+    image).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,27 +34,13 @@ from engine.kernels.organisation import METRICS
 from engine.ops.organisation import organisation_metrics
 from engine.ops.stats import check_variables
 from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
-from engine.pipelines.spec import JobSpecBase, OutputSpec, TrackingSpec
+from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec
 
-__all__ = ["CloudInputSpec", "CloudMaskSpec", "CloudMetricsSpec", "CloudMetrics",
-           "open_sample", "SAMPLES", "JOB"]
+__all__ = ["CloudMaskSpec", "CloudMetricsSpec", "CloudMetrics", "convert_msg_sample",
+           "plot_metrics", "JOB"]
 
-#: ``input.sample`` -> (file in iris-sample-data's ``sample_data``, variable name there).
-SAMPLES: dict[str, tuple[str, str]] = {
-    "msg_ir": ("toa_brightness_stereographic.nc", "data"),
-}
-
-
-@dataclass(frozen=True)
-class CloudInputSpec:
-    """A catalog entry, or ``sample`` (a packaged image, :data:`SAMPLES`)."""
-
-    catalog: str = ""
-    entry: str = ""
-    sample: Literal["msg_ir"] | None = None
-    chunks: dict[str, int] | None = None
-    storage_options: dict[str, Any] | None = None
-    dims: dict[str, str] | None = None
+#: The MSG image in iris-sample-data and its variable there.
+MSG_FILE, MSG_VARIABLE = "toa_brightness_stereographic.nc", "data"
 
 
 @dataclass(frozen=True)
@@ -67,7 +57,7 @@ class CloudMetricsSpec(JobSpecBase):
     """Organisation metrics of ``mask`` per tile (pixels, or ``"100km"``) and time step."""
 
     name: str
-    input: CloudInputSpec
+    input: InputSpec
     mask: CloudMaskSpec
     tile: dict[str, int | str]
     output: OutputSpec
@@ -84,9 +74,6 @@ class CloudMetricsSpec(JobSpecBase):
 
     def check(self) -> None:
         super().check()
-        i = self.input
-        if (i.sample is None) == (not (i.catalog and i.entry)):
-            raise SpecError("input: give either catalog and entry, or sample (msg_ir)")
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
             raise SpecError(f"metrics: unknown {unknown or '[]'}; choose from "
@@ -101,20 +88,38 @@ class CloudMetricsSpec(JobSpecBase):
                             f"or {{lat: 100km, lon: 100km}}, got {self.tile}")
 
 
-def open_sample(name: str, chunks: dict[str, int] | None = None) -> tuple[xr.Dataset, str]:
-    """The packaged image ``name`` (:data:`SAMPLES`), dask-backed (``chunks``, default one
-    chunk), with its variable renamed ``bt``, and the file's path. The dask names derive
-    from the file (path and modification time), so a rerun resumes its store."""
+def convert_msg_sample(dest: str) -> str:
+    """Write iris-sample-data's MSG image as a Zarr store at ``dest``: ``bt (time, y, x)``
+    in K (one time step), projected ``y``/``x`` in m, ``lat``/``lon`` of each pixel,
+    Blosc-zstd; returns ``dest``."""
+    from zarr.codecs import BloscCodec
+
     from engine.io.archive_sample import sample_dir
 
-    fname, var = SAMPLES[name]
-    path = os.path.join(sample_dir(), fname)
-    ds = xr.open_dataset(path, chunks={}).rename({var: "bt"})
-    if chunks:
-        ds = ds.chunk(chunks)
-    ds = ds.drop_vars([v for v in ds.data_vars if v != "bt"])
-    ds.attrs["engine_catalog"] = f"iris-sample-data:{fname}"
-    return ds, path
+    path = os.path.join(sample_dir(), MSG_FILE)
+    with xr.open_dataset(path) as src:
+        ds = src.load()
+    bt = ds[MSG_VARIABLE].expand_dims("time").astype(np.float32)
+    bt.attrs = {"standard_name": "toa_brightness_temperature",
+                "long_name": "TOA brightness temperature, 10.80 micron (MSG SEVIRI)",
+                "units": "K"}
+    out = xr.Dataset({"bt": bt})
+    out.attrs = {k: ds.attrs[k] for k in ("title", "source", "institution", "platform",
+                                          "instrument", "acknowledgement", "Note")}
+    out.attrs["license"] = ("UK Open Government Licence (iris-sample-data's data licence, "
+                            "Met Office); image courtesy of EUMETSAT, for test purposes only")
+    out.attrs["projection"] = json.dumps({k: (v.item() if hasattr(v, "item") else v)
+                                          for k, v in ds["stereographic"].attrs.items()})
+    out.attrs["history"] = (f"{ds.attrs.get('history', '')}; converted from "
+                            f"iris-sample-data 2.5.2 {MSG_FILE} by "
+                            "engine.pipelines.cloud_metrics.convert_msg_sample")
+    comp = BloscCodec(cname="zstd", clevel=7, shuffle="shuffle")
+    enc = {"bt": {"chunks": (1, 80, 128), "compressors": (comp,)},
+           "lat": {"compressors": (comp,)}, "lon": {"compressors": (comp,)}}
+    with warnings.catch_warnings():  # consolidated metadata: read by every reader we use
+        warnings.filterwarnings("ignore", message="Consolidated metadata")
+        out.to_zarr(dest, mode="w", encoding=enc, consolidated=True, zarr_format=3)
+    return dest
 
 
 @dataclass(kw_only=True)
@@ -129,11 +134,7 @@ class CloudMetrics(Job):
     spec = CloudMetricsSpec
 
     def prepare(self, spec: CloudMetricsSpec) -> CloudPrepared:  # type: ignore[override]
-        if spec.input.sample is not None:
-            ds, path = open_sample(spec.input.sample, spec.input.chunks)
-            base = Prepared(spec=spec, ds=ds, input_url=path)
-        else:
-            base = open_input(spec)
+        base = open_input(spec)
         check_variables(base.ds, [spec.mask.variable], "mask.variable")
         dims = cube_dims(base.ds[spec.mask.variable], spec.input.dims)
         dims.horizontal  # noqa: B018 -- raises a one-line CubeError naming input.dims
@@ -230,3 +231,8 @@ def plot_metrics(p: CloudPrepared, written: xr.Dataset, path: str) -> str:
 
 
 JOB = CloudMetrics().as_kind()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(convert_msg_sample(os.path.join(here, "catalogs", "data", "msg_ir.zarr")))
