@@ -187,8 +187,7 @@ def test_read_tiles_chunk_aware_and_equal_to_numpy():
         calls.append(1)
         return dask.get(dsk, keys, **kw)
 
-    with dask.config.set(scheduler=counting):
-        lazy = read_tiles(da, t, y, x, 16)
+    lazy = read_tiles(da, t, y, x, 16, scheduler=counting)
     assert len(calls) == 1  # one compute for the whole batch
     ref = da.values
     want = np.stack([ref[a, b:b + 16, c:c + 16] for a, b, c in zip(t, y, x, strict=True)])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -252,10 +252,14 @@ def triplet_sampler(folds: np.ndarray | xr.DataArray, *, tile: int,
 
 
 def read_tiles(da: xr.DataArray, time: np.ndarray, y0: np.ndarray, x0: np.ndarray,
-               tile: int) -> np.ndarray:
+               tile: int, scheduler: Any = "sync") -> np.ndarray:
     """Tiles ``(n, channel, tile, tile)`` float32 of ``da`` (``(time, y, x)`` or ``(time,
     channel, y, x)``) at top-left pixels ``(time, y0, x0)``: the slices of a dask-backed
     cube are computed together, so each chunk a batch touches is read once.
+
+    ``scheduler`` (any ``dask.compute`` scheduler) reads the chunks; the default
+    ``"sync"`` reads them in the calling (training) process, where the tiles are needed,
+    so a batch costs no round trip through a distributed scheduler.
 
     >>> da = xr.DataArray(np.arange(2 * 4 * 4.0).reshape(2, 4, 4), dims=("time", "y", "x"))
     >>> read_tiles(da.chunk({"time": 1}), np.array([1]), np.array([2]), np.array([1]), 2)[0, 0]
@@ -273,7 +277,7 @@ def read_tiles(da: xr.DataArray, time: np.ndarray, y0: np.ndarray, x0: np.ndarra
         import dask
         import dask.array as dsa
 
-        (out,) = dask.compute(dsa.stack(pieces))
+        (out,) = dask.compute(dsa.stack(pieces), scheduler=scheduler)
     else:
         out = np.stack(pieces)
     return np.asarray(out, dtype=np.float32)
@@ -298,8 +302,8 @@ def augment_tiles(tiles: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def triplet_batches(da: xr.DataArray, sampler: TripletSampler, indices: Sequence[int] |
                     np.ndarray, *, fold: int = 0, batch_size: int = 32,
-                    augment: bool = True, epoch: int = 0) -> Iterator[tuple[np.ndarray,
-                                                                            np.ndarray]]:
+                    augment: bool = True, epoch: int = 0,
+                    scheduler: Any = "sync") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches ``(x, y)`` for :func:`engine.ml.fit.fit`: ``x`` is ``(B, 3, channel, tile,
     tile)`` float32 (anchor, neighbour, distant stacked on axis 1); ``y`` holds each
     triplet's neighbour overlap (the triplet loss does not use it). With ``augment`` each
@@ -309,7 +313,7 @@ def triplet_batches(da: xr.DataArray, sampler: TripletSampler, indices: Sequence
     for start in range(0, len(idx), batch_size):
         part = idx[start:start + batch_size]
         tr = sampler.sample(part, fold)
-        tiles = read_tiles(da, tr.time.ravel(), tr.y0.ravel(), tr.x0.ravel(), h)
+        tiles = read_tiles(da, tr.time.ravel(), tr.y0.ravel(), tr.x0.ravel(), h, scheduler)
         tiles = tiles.reshape(len(part), 3, *tiles.shape[1:])
         if augment:
             for j, i in enumerate(part):
