@@ -142,6 +142,10 @@ def test_named_layer_and_per_tile_targets():
     x = torch.rand(4, 3, 32, 32)
     r = gradcam(net, x, layer="layers.5", target=[0, 1, 2, 3], normalize=False)
     np.testing.assert_array_equal(r.target, [0, 1, 2, 3])
+    split = gradcam(net, x, layer="layers.5", target=[0, 1, 2, 3], normalize=False,
+                    batch_size=3)  # the targets follow the tiles across batches
+    np.testing.assert_array_equal(split.target, [0, 1, 2, 3])
+    np.testing.assert_allclose(split.heatmaps, r.heatmaps, rtol=1e-4, atol=1e-6)
     other = gradcam(net, x, layer="layers.7", target=[0, 1, 2, 3], normalize=False)
     assert not np.allclose(r.heatmaps, other.heatmaps)
     with pytest.raises(SpecError, match="not in the model"):
@@ -211,3 +215,39 @@ def test_overlay_plot(tmp_path):
     fig = overlay_plot(x[0].numpy(), r.heatmaps[0], title="class 0", path=tmp_path / "o.png")
     assert (tmp_path / "o.png").stat().st_size > 0
     assert len(fig.axes[0].images) == 2 and fig.axes[0].get_title() == "class 0"
+
+
+class LinearHead(nn.Module):
+    """A conv layer then a linear map of its flattened output: the gradient of logit ``c``
+    with respect to the conv output is exactly ``weight[c]`` (with negative entries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.conv(x), 1))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_maps_equal_the_published_formulas(method):
+    net = LinearHead()
+    x = torch.rand(3, 2, 4, 4)
+    r = gradcam(net, x, target=[1, 0, 1], method=method, normalize=False)
+    with torch.no_grad():
+        acts = net.conv(x).numpy().astype(np.float64)  # (3, 3, 4, 4)
+    w = net.head.weight.detach().numpy().reshape(2, 3, 4, 4).astype(np.float64)
+    for i, c in enumerate([1, 0, 1]):
+        a, g = acts[i], w[c]
+        if method == "gradcam":
+            weights = g.mean(axis=(1, 2))
+        else:  # Chattopadhay et al. 2018, eq. 19 with the exponential score
+            denom = 2 * g**2 + a.sum(axis=(1, 2))[:, None, None] * g**3
+            alpha = np.where(denom != 0, g**2 / np.where(denom != 0, denom, 1), 0)
+            weights = (alpha * np.maximum(g, 0)).sum(axis=(1, 2))
+        expected = np.maximum((weights[:, None, None] * a).sum(0), 0)
+        # the map is already tile-sized (no stride): upsampling is the identity
+        np.testing.assert_allclose(r.heatmaps[i], expected, rtol=1e-4, atol=1e-6)
+    assert (r.heatmaps > 0).any()
