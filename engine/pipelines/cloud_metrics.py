@@ -215,9 +215,12 @@ def plot_metrics(p: CloudPrepared, written: xr.Dataset, path: str) -> str:
     fig, axes = plt.subplots(1, 1 + len(shown), figsize=(5 * (1 + len(shown)), 4), dpi=100)
     axes = np.atleast_1d(axes)
     cloud = field < s.mask.threshold if not s.mask.above else field > s.mask.threshold
-    axes[0].imshow(np.where(field.notnull(), cloud, np.nan), cmap="Greys_r",
+    # missing pixels (which make a tile NaN) in blue
+    grey = plt.get_cmap("Greys_r").with_extremes(bad="lightsteelblue")
+    axes[0].imshow(np.where(field.notnull(), cloud, np.nan), cmap=grey,
                    interpolation="nearest")
-    axes[0].set_title(f"mask: {written.attrs.get('engine_mask')}", fontsize=9)
+    axes[0].set_title(f"mask: {written.attrs.get('engine_mask')} (white; blue: missing)",
+                      fontsize=9)
     for ax, m in zip(axes[1:], shown, strict=False):
         w = written[m]
         w = w.isel({d: 0 for d in w.dims if d not in ("tile_y", "tile_x")})
