@@ -179,6 +179,10 @@ def test_cube_gradcam_matches_tiles_and_is_lazy():
         ds = cube_gradcam(QuadrantNet(), da, {"y": SIZE, "x": SIZE}, layer=LAYER)
     assert set(ds.data_vars) == {"cam", "prediction", "probability"}
     assert ds.cam.dims == ("time", "y", "x") and ds.cam.shape == (2, ny, nx)
+    graph = dict(ds.cam.data.__dask_graph__())
+    models = [k for k, v in graph.items() if isinstance(v, nn.Module)
+              or isinstance(getattr(v, "value", None), nn.Module)]
+    assert len(models) == 1  # the model is one key, not a copy per block
     ds = ds.compute()
     tiles = [field[t, i * SIZE : (i + 1) * SIZE, j * SIZE : (j + 1) * SIZE]
              for t in range(2) for i in range(3) for j in range(2)]

@@ -210,7 +210,7 @@ def gradcam(model: nn.Module, batches: torch.Tensor | np.ndarray | Iterable[Any]
                      np.concatenate(logits))
 
 
-def _block_maps(block: np.ndarray, *, model: nn.Module, tile: tuple[int, int], layer: str | None,
+def _block_maps(block: np.ndarray, model: nn.Module, *, tile: tuple[int, int], layer: str | None,
                 method: Method, batch_size: int, target: int | None,
                 normalize: bool) -> np.ndarray:
     """``(..., C, H, W)`` block -> ``(3, ..., H, W)``: map, predicted class, probability."""
@@ -260,6 +260,7 @@ def cube_gradcam(model: nn.Module, data: xr.DataArray, tile: Mapping[str, int],
     pixels of an incomplete edge tile, and tiles with a NaN input, are NaN.
     Nothing is computed until the caller computes.
     """
+    import dask
     import dask.array as da
     import xarray as xr
 
@@ -285,9 +286,11 @@ def cube_gradcam(model: nn.Module, data: xr.DataArray, tile: Mapping[str, int],
                        lead + 1: rounded(arr.chunks[lead + 1], th),
                        lead + 2: rounded(arr.chunks[lead + 2], tw)})
     out_chunks = ((3,), *arr.chunks[:lead], *arr.chunks[lead + 1:])
-    kwargs = dict(model=model, tile=(th, tw), layer=layer, method=method,
+    kwargs = dict(tile=(th, tw), layer=layer, method=method,
                   batch_size=batch_size, target=target, normalize=normalize)
-    stacked = da.map_blocks(_block_maps, arr, dtype=np.float32, chunks=out_chunks,
+    # one graph key holds the model; every block task depends on it (not a copy per task)
+    model_key = dask.delayed(model, pure=False, traverse=False)
+    stacked = da.map_blocks(_block_maps, arr, model_key, dtype=np.float32, chunks=out_chunks,
                             drop_axis=lead, new_axis=0, name=f"gradcam-{uuid.uuid4().hex}",
                             **kwargs)
     out_dims = [d for d in data.dims if d != cdim]
