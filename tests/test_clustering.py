@@ -302,6 +302,25 @@ def test_read_understanding_clouds(tmp_path):
     np.testing.assert_array_equal(masks.sel(image="b.jpg", label="Sugar"), sugar)
     assert not masks.sel(image="a.jpg", label="Sugar").any()
     assert int(masks.sum()) == fish.sum() + sugar.sum()
+    labels = C.masks_to_labels(masks)
+    assert labels.dims == ("image", "y", "x") and labels.chunks is not None
+    labels = labels.compute()
+    expected_a = np.where(fish, 0, -1)
+    expected_b = np.where(sugar, 1, -1)
+    np.testing.assert_array_equal(labels.sel(image="a.jpg"), expected_a)
+    np.testing.assert_array_equal(labels.sel(image="b.jpg"), expected_b)
+    assert labels.attrs["flag_meanings"] == "Fish Sugar"
+
+
+def test_masks_to_labels_marks_overlap_as_unlabelled():
+    import xarray as xr
+
+    m = np.zeros((3, 2, 2), bool)  # (label, y, x)
+    m[0, 0, :] = True
+    m[1, :, 0] = True  # overlaps class 0 at (0, 0)
+    m[2, 1, 1] = True
+    da_ = xr.DataArray(m, dims=("label", "y", "x"), coords={"label": ["Fish", "Flower", "Sugar"]})
+    np.testing.assert_array_equal(C.masks_to_labels(da_), [[-1, 0], [1, 2]])
 
 
 # ----------------------------------------------------------------------------- plots

@@ -14,7 +14,7 @@ Scores
     intervals), :func:`nmi_vs_scale` (document 004's scale experiment).
 Labels
     :func:`read_understanding_clouds` (the Kaggle "Understanding Clouds" layout),
-    :func:`rle_decode` / :func:`rle_encode`.
+    :func:`masks_to_labels`, :func:`rle_decode` / :func:`rle_encode`.
 Plots (matplotlib, Agg)
     :func:`dendrogram_plot`, :func:`pca_rgb` (+ :func:`pca_rgb_plot`),
     :func:`nmi_vs_scale_plot`.
@@ -46,7 +46,7 @@ __all__ = [
     # scores
     "nmi", "adjusted_rand", "silhouette_samples", "purity", "scores", "nmi_vs_scale",
     # labels
-    "rle_decode", "rle_encode", "read_understanding_clouds",
+    "rle_decode", "rle_encode", "read_understanding_clouds", "masks_to_labels",
     # plots
     "dendrogram_plot", "pca_rgb", "pca_rgb_plot", "nmi_vs_scale_plot",
 ]
@@ -733,6 +733,28 @@ def read_understanding_clouds(csv_path: str | os.PathLike[str], image_dir: str |
     data = da.concatenate(blocks, axis=0) if blocks else da.zeros((0, len(labels), h, w), bool)
     return xr.DataArray(data, dims=("image", "label", "y", "x"),
                         coords={"image": images, "label": labels}, name="mask")
+
+
+def masks_to_labels(masks: xr.DataArray, label_dim: str = "label") -> xr.DataArray:
+    """One class per pixel from per-class masks (e.g. :func:`read_understanding_clouds`).
+
+    The result (``masks``' dims without ``label_dim``, int8, lazy for lazy input) is the
+    index of the class along ``label_dim`` where exactly one mask is set, and -1 where none
+    is or where masks overlap (the Kaggle rectangles of different classes may overlap;
+    such pixels have no single label to score against). The class names are kept in the
+    attribute ``flag_meanings`` (CF), their indices in ``flag_values``.
+    """
+    if label_dim not in masks.dims:
+        raise SpecError(f"masks_to_labels: {label_dim!r} is not a dim of {masks.dims}")
+    m = masks.astype(bool)
+    count = m.sum(label_dim)
+    index = m.argmax(label_dim)
+    out = index.where(count == 1, -1).astype(np.int8)
+    names = [str(v) for v in masks[label_dim].values] if label_dim in masks.coords else [
+        str(i) for i in range(masks.sizes[label_dim])]
+    out.attrs = {"long_name": "class of the pixel (-1: none or several)",
+                 "flag_values": list(range(len(names))), "flag_meanings": " ".join(names)}
+    return out.rename("label")
 
 
 # -------------------------------------------------------------------------------- plots
