@@ -145,7 +145,10 @@ def test_folds_never_straddled_and_anchors_uniform():
     folds[:, :, 20:] = 1  # left half fold 0, right half fold 1
     folds[1, :, :] = 1    # step 1 wholly fold 1
     folds[:, 10:13, :] = -1  # an unusable strip
-    s = triplet_sampler(folds, tile=tile, neighbour_km=6.0, dx_km=1.0, seed=0)
+    holes = np.random.default_rng(0).random(folds.shape) < 0.004
+    folds[holes] = -1  # single unusable pixels: a tile holding one is in no fold
+    # neighbours 10 px away: an anchor near x = 20 could reach wholly into the other fold
+    s = triplet_sampler(folds, tile=tile, neighbour_km=10.0, dx_km=1.0, seed=0)
     for f in (0, 1):
         tr = s.sample(range(400), fold=f)
         for k in range(3):
@@ -153,7 +156,13 @@ def test_folds_never_straddled_and_anchors_uniform():
                 win = folds[tr.time[j, k], tr.y0[j, k]:tr.y0[j, k] + tile,
                             tr.x0[j, k]:tr.x0[j, k] + tile]
                 assert (win == f).all()
+
     # uniform anchors: each valid position of fold 0 equally likely (chi-square-ish bound)
+    # where every position has a neighbour at the distance (no anchor is redrawn)
+    folds = np.zeros((t, n, n), np.int8)
+    folds[:, :, 20:] = 1
+    folds[1, :, :] = 1
+    s = triplet_sampler(folds, tile=tile, neighbour_km=4.0, dx_km=1.0, seed=0)
     tr = s.sample(range(6000), fold=0)
     n_pos = s.n_positions(0)
     flat = np.ravel_multi_index((tr.time[:, 0], tr.y0[:, 0], tr.x0[:, 0]), s.tile_fold.shape)
@@ -167,7 +176,7 @@ def test_folds_never_straddled_and_anchors_uniform():
 def test_impossible_neighbour_is_one_line():
     folds = np.zeros((2, 20, 20), np.int8)
     s = triplet_sampler(folds, tile=8, neighbour_km=100.0, dx_km=1.0)
-    with pytest.raises(CubeError, match="no neighbour tile"):
+    with pytest.raises(CubeError, match="no neighbour tile in fold 0 at 100-100 km"):
         s.sample([0])
     with pytest.raises(SpecError, match="two time steps"):
         triplet_sampler(folds[:1], tile=8, neighbour_km=4.0, dx_km=1.0)

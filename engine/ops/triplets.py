@@ -7,7 +7,8 @@ time step, or the same one at least ``min_distance_km`` away, centre to centre).
 
 What this module guarantees
     * Anchors are uniform over the valid area: every tile position whose pixels all lie
-      in the requested fold is equally likely.
+      in the requested fold is equally likely (an anchor that has no such neighbour
+      position at the drawn distance is redrawn, so isolated positions are rarer).
     * Triplets never straddle folds: all three tiles lie wholly inside one fold of the
       ``folds`` labels (``-1``: not usable, e.g. missing data or a buffer).
     * Triplet ``i`` of fold ``f`` is a function of ``(seed, f, i)`` only, so any
@@ -131,20 +132,26 @@ class TripletSampler:
         tf = self.tile_fold
         _, ny, nx = tf.shape
         rng = np.random.default_rng([self.seed, fold, i])
-        t, ya, xa = np.unravel_index(pos[rng.integers(len(pos))], tf.shape)
         lo, hi = self.neighbour_km
+        # an anchor with no neighbour in its fold at the distance is redrawn (e.g. a small
+        # island of valid pixels); both draws come from the triplet's own generator
         for _ in range(_TRIES):
-            d = lo if lo == hi else float(rng.uniform(lo, hi))
-            theta = float(rng.uniform(0.0, 2.0 * math.pi))
-            oy = int(round(d * math.sin(theta) / self.dy_km))
-            ox = int(round(d * math.cos(theta) / self.dx_km))
-            yn, xn = ya + oy, xa + ox
-            if (oy or ox) and 0 <= yn < ny and 0 <= xn < nx and tf[t, yn, xn] == fold:
-                break
+            t, ya, xa = np.unravel_index(pos[rng.integers(len(pos))], tf.shape)
+            for _ in range(_TRIES // 4):
+                d = lo if lo == hi else float(rng.uniform(lo, hi))
+                theta = float(rng.uniform(0.0, 2.0 * math.pi))
+                oy = int(round(d * math.sin(theta) / self.dy_km))
+                ox = int(round(d * math.cos(theta) / self.dx_km))
+                yn, xn = ya + oy, xa + ox
+                if (oy or ox) and 0 <= yn < ny and 0 <= xn < nx and tf[t, yn, xn] == fold:
+                    break
+            else:
+                continue
+            break
         else:
-            raise CubeError(f"no neighbour tile in fold {fold} at {lo:g}-{hi:g} km from an "
-                            f"anchor in {_TRIES} tries: give a smaller neighbour distance or "
-                            "larger folds")
+            raise CubeError(f"no neighbour tile in fold {fold} at {lo:g}-{hi:g} km from "
+                            f"{_TRIES} anchors: give a smaller neighbour distance or larger "
+                            "folds")
         h = self.tile
         overlap = max(0, h - abs(oy)) * max(0, h - abs(ox)) / (h * h)
         for _ in range(_TRIES):
