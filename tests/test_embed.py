@@ -119,6 +119,7 @@ def _job(tmp_path, **changes) -> str:
     ({"tiles": {"size": 400, "unit": "km"}}, "larger than the grid"),
     ({"split": {"test_steps": [3, 9]}}, "split.test_steps [9]"),
     ({"model": {"width": 0}}, "model needs"),
+    ({"model": {"width": 8, "weights": "nowhere.pt"}}, "nowhere.pt' not found"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, run_cli, changes, words):
     job = _job(tmp_path, **changes)
@@ -189,6 +190,19 @@ def test_reduced_job_end_to_end(tmp_path, run_cli):
     m2 = json.load(open(run / "metrics.json"))
     assert m2["model_hash"] == m["model_hash"]
     assert m2["scores"]["embedding_kmeans"]["nmi"] == e["nmi"]
+
+    # its checkpoint is a weights file another run starts from; one of another width is
+    # one line, exit 2, nothing written
+    other = _job(tmp_path, model={"width": 8, "stem": "imagenet", "dim": 100, "hidden": 128,
+                                  "weights": str(run / "best.pt")})
+    code, _, err = run_cli(["validate", other, "--output", str(tmp_path / "o2.zarr")])
+    assert code == 0, err
+    wrong = _job(tmp_path, model={"width": 16, "weights": str(run / "best.pt")})
+    code, _, err = run_cli(["run", wrong, "--cluster", "threads", "--output",
+                            str(tmp_path / "o3.zarr")])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "does not load into TileEmbedder" in lines[0]
+    assert not (tmp_path / "o3.zarr").exists() and not (tmp_path / "o3.run").exists()
 
 
 @pytest.mark.slow

@@ -335,6 +335,14 @@ def prepare(spec: EmbedSpec) -> EmbedPrepared:
     if data.sizes["time"] < 2:
         raise CubeError("the cube has one time step: triplets and the test fold need two "
                         "or more")
+    m = spec.model
+    if m.weights is not None:
+        # a missing or mismatched weights file is one line before anything is written
+        from engine.ml.archs import load_weights
+        from engine.ml.embed import tile_embedder
+
+        load_weights(tile_embedder(len(spec.variables), m.dim, m.width, m.stem, m.hidden,
+                                   m.dropout), spec.resolve(m.weights))
     return EmbedPrepared(spec=spec, ds=ds, dims=dims, data=data, labels=labels, dy_km=dy,
                          dx_km=dx, tile=tile, stride=stride, input_url=base.input_url,
                          input_storage_options=base.input_storage_options)
