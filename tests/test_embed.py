@@ -176,7 +176,8 @@ def test_reduced_job_end_to_end(tmp_path, run_cli):
         assert again[key] == pytest.approx(e[key])
     assert e["n"] == int(test.sum()) == 18
     assert 0 <= e["nmi"] <= 1 and e["nmi_ci"][0] <= e["nmi"] <= e["nmi_ci"][1]
-    assert "tile_statistics_kmeans" in m["scores"]
+    assert set(m["scores"]) == {"embedding_kmeans", "tile_statistics_kmeans",
+                                "untrained_network_kmeans"}
     assert [r["tile_px"] for r in m["nmi_vs_scale"]] == [24, 32]
     tr = m["training"]
     assert tr["epochs_run"] == 2 and tr["triplets_seen"] == 2 * 96
@@ -220,5 +221,7 @@ def test_shipped_job_separates_the_synthetic_classes(tmp_path, run_cli):
     e, b = m["scores"]["embedding_kmeans"], m["scores"]["tile_statistics_kmeans"]
     assert e["nmi"] > 0.5 and e["nmi_ci"][0] > b["nmi"]
     assert e["ari"] > b["ari"]
+    u = m["scores"]["untrained_network_kmeans"]
+    assert e["nmi_ci"][0] > u["nmi"]  # the triplet training, not the architecture alone
     assert m["training"]["validation_triplet_accuracy"] > 0.8
     assert [r["tile_px"] for r in m["nmi_vs_scale"]] == [16, 32, 48]

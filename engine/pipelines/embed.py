@@ -600,13 +600,37 @@ class EmbedJob(Job):
         base = _nearest(z, km.centers)
         out["scores"]["tile_statistics_kmeans"] = scores(lab[test], base[test], z[test],
                                                          n_boot=c.n_boot, seed=spec.seed)
+        # baseline: the same network untrained (its seed's initial weights, the trained
+        # model's standardisation): what the triplet training adds
+        untrained = self._untrained(p, trained.model)
+        g = self._embed_grid(p, untrained, p.tile, p.stride)
+        km = kmeans(g["emb"][fold == 0], k, seed=spec.seed)
+        pred = _nearest(g["emb"], km.centers)
+        out["scores"]["untrained_network_kmeans"] = scores(lab[test], pred[test],
+                                                           g["emb"][test], n_boot=c.n_boot,
+                                                           seed=spec.seed)
         out["score_rows"] = "tiles of the test time steps"
-        out["baseline_definition"] = ("k-means (same k, fitted on the training steps) on the "
+        out["baseline_definition"] = {
+            "tile_statistics_kmeans": "k-means (same k, fitted on the training steps) on the "
                                       "standardised mean, standard deviation and cloud "
-                                      "fraction of each tile")
+                                      "fraction of each tile",
+            "untrained_network_kmeans": "the same embedder with its initial (seeded) weights "
+                                        "and the trained standardisation, clustered the same "
+                                        "way"}
         if spec.embed.scales:
             out["nmi_vs_scale"] = self._scales(p, s, trained, k)
         return out
+
+    def _untrained(self, p: EmbedPrepared, model: Any) -> Any:
+        from engine.ml.embed import tile_embedder
+        from engine.ml.train import seed_everything
+
+        m = p.spec.model
+        seed_everything(p.spec.seed)
+        net = tile_embedder(len(p.spec.variables), m.dim, m.width, m.stem, m.hidden,
+                            m.dropout)
+        net.set_statistics(model.mean.ravel().tolist(), model.std.ravel().tolist())
+        return net.eval()
 
     def _scales(self, p: EmbedPrepared, s: TimeSplit, trained: EmbedTrained,
                 k: int) -> list[dict[str, Any]]:
