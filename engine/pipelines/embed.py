@@ -11,8 +11,9 @@ grid with a stride over all steps embedded, one row per tile in ``embedding (til
 with its centre ``time``/``y``/``x``, size, fold, label and simple tile statistics; k-means
 clusters fitted on the training steps' tiles (``cluster (tile)``) (``predict``) -> scores of
 the clusters against the labels on the test steps (NMI, ARI, silhouette, purity with
-bootstrap intervals), the same for a baseline that clusters the tile statistics, and an
-NMI-vs-scale table over ``embed.scales`` (``evaluate``) -> the table (``report``).
+bootstrap intervals), the same for two baselines (k-means of simple tile statistics, and
+of the same network untrained), and an NMI-vs-scale table over ``embed.scales`` with the
+trained model (``evaluate``) -> the table (``report``).
 
 Validation triplets (early stopping) come from the training steps too, with triplet
 indices no training epoch uses; the test steps are never seen before scoring. The whole
