@@ -182,8 +182,11 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     import psutil
 
     job = write_job(tmp_path)
+    # many epochs: the run is still training when the signal comes, however fast the
+    # machine (a run that had already finished would exit 0 and prove nothing)
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run", job, "--quiet",
-                             "--n-workers", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--n-workers", "2", "--set", "train.epochs=500",
+                             "--set", "train.patience=500"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     out = ""
     deadline = time.time() + 120
