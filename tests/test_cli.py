@@ -184,18 +184,27 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     job = write_job(tmp_path)
     # many epochs: the run is still training when the signal comes, however fast the
     # machine (a run that had already finished would exit 0 and prove nothing)
+    # SIGINT at its default in the child, as in a terminal: a shell that starts this suite
+    # in the background (`... &`) hands its children SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run", job, "--quiet",
                              "--n-workers", "2", "--set", "train.epochs=500",
                              "--set", "train.patience=500"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out = ""
-    deadline = time.time() + 120
-    while "training samples" not in out and time.time() < deadline:
-        out += proc.stdout.readline()
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert children, "the local cluster's worker processes should be running"
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
-    _, err = proc.communicate(timeout=60)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        out = ""
+        deadline = time.time() + 120
+        while "training samples" not in out and time.time() < deadline:
+            out += proc.stdout.readline()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the local cluster's worker processes should be running"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:  # never leave a run (and its cluster) behind for the next tests
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err and "leaked" not in err, err
     time.sleep(1)
