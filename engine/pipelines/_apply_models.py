@@ -23,23 +23,14 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import SpecError
+from engine.pipelines.regress import FieldSpec
 
 __all__ = ["InputField", "ResolvedModel", "resolve_model", "RUN_KINDS"]
 
 
-@dataclass(frozen=True)
-class InputField:
-    """One input channel: a variable (or coordinate), at one level if it has levels."""
-
-    variable: str
-    level: float | None = None
-
-    @property
-    def label(self) -> str:
-        if self.level is None:
-            return self.variable
-        lev = int(self.level) if float(self.level).is_integer() else self.level
-        return f"{self.variable}{lev}"
+#: One input channel: a variable (or coordinate), at one level if it has levels -- the
+#: regress kind's field spec, so a regress run's inputs map onto it unchanged.
+InputField = FieldSpec
 
 
 @dataclass
