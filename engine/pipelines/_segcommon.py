@@ -24,12 +24,27 @@ import xarray as xr
 
 from engine.dims import cube_dims
 from engine.errors import CubeError, SpecError
-from engine.pipelines.spec import MAX_EPOCHS, InputSpec, OutputSpec, TrainSpec
+from engine.pipelines.spec import (
+    MAX_EPOCHS,
+    InputSpec,
+    JobSpecBase,
+    OutputSpec,
+    TrackingSpec,
+    TrainSpec,
+)
 
-__all__ = ["GeoFoldSpec", "PatchSpec", "InferenceSpec", "Fold", "geo_folds", "fold_region",
-           "fit_fold", "save_state", "load_state", "folds_hash", "binary_scores",
-           "summary", "multiclass_scores", "check_common_patch_spec", "count_patches",
-           "check_cube", "open_patch_input", "FoldEpochs", "InputSpec", "OutputSpec", "TrainSpec"]
+__all__ = [
+    # spec sections
+    "PatchJobSpec", "CodeLabelSpec", "GeoFoldSpec", "PatchSpec", "InferenceSpec",
+    "InputSpec", "OutputSpec", "TrainSpec", "TrackingSpec", "check_common_patch_spec",
+    # folds and training
+    "Fold", "geo_folds", "fold_region", "fit_fold", "FoldEpochs", "count_patches",
+    "save_state", "load_state", "reload_folds", "folds_hash",
+    # scores
+    "binary_scores", "multiclass_scores", "summary", "fmt",
+    # the cube
+    "check_cube", "open_patch_input", "class_names",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,46 @@ class InferenceSpec:
     batch_size: int = 32
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass(frozen=True)
+class CodeLabelSpec:
+    """A class-coded label: the integer variable and the class codes a job uses (the kinds
+    subclass it for their own default codes and their meaning)."""
+
+    variable: str = "landcover"
+    classes: list[int] = field(default_factory=lambda: [15])
+
+    def check(self, at_least: int) -> None:
+        """At least ``at_least`` distinct codes, each in [0, 254] (one line naming the field)."""
+        c = self.classes
+        if len(c) < at_least or len(set(c)) != len(c) or not all(0 <= v <= 254 for v in c):
+            many = "one" if at_least == 1 else str(at_least)
+            raise SpecError(f"label.classes must list {many} or more distinct class codes "
+                            f"(integers in [0, 254]), got {c}")
+
+
+@dataclass(frozen=True)
+class PatchJobSpec(JobSpecBase):
+    """The sections every patch kind's spec has (``segment``, ``classify``); a kind adds
+    ``kind``, ``label``, ``model`` and ``train`` (and may change a section's default)."""
+
+    name: str
+    input: InputSpec
+    output: OutputSpec
+    features: list[str] = field(default_factory=lambda: ["red", "green", "blue", "relief"])
+    patches: PatchSpec = field(default_factory=PatchSpec)
+    split: GeoFoldSpec = field(default_factory=GeoFoldSpec)
+    predict: InferenceSpec = field(default_factory=InferenceSpec)
+    #: Where training and inference run: auto (CUDA when there is one), cpu, cuda, cuda:N.
+    device: str = "auto"
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    seed: int = 0
+    base_dir: str = "."
+
+    def check(self) -> None:
+        super().check()
+        check_common_patch_spec(self)
 
 
 def check_common_patch_spec(spec: Any) -> None:
@@ -202,6 +257,20 @@ def load_state(model: Any, path: str) -> None:
     load_weights(model, path)
 
 
+def reload_folds(make: Callable[[], Any], names: Iterable[str], ctx: Any) -> list[Any]:
+    """The fold models of a previous run of the same job (``ctx.previous``): ``make()``
+    builds each, its checkpoint ``ctx.path(name)`` fills it, in eval mode as fit leaves a
+    trained model."""
+    models = []
+    for name in names:
+        m = make()
+        load_state(m, ctx.path(name))
+        m.eval()
+        models.append(m)
+    ctx.log(f"resuming: reusing the {len(models)} fold models in {ctx.run_dir}")
+    return models
+
+
 def folds_hash(models: Iterable[Any]) -> str:
     """sha256 over the per-fold model hashes (the output's ``engine_model_hash``)."""
     from engine.ml.train import model_hash
@@ -280,6 +349,11 @@ def summary(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, dict[s
     return out
 
 
+def fmt(v: Any) -> str:
+    """A score for a table: three decimals, ``nan`` for a missing or non-finite one."""
+    return "nan" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
 def multiclass_scores(confusion: np.ndarray) -> dict[str, Any]:
     """Accuracy and macro-F1 of a confusion matrix (rows true, columns predicted); the
     macro average runs over the classes present in the truth or the predictions.
@@ -317,8 +391,18 @@ def open_patch_input(spec: Any) -> Any:
                            f"engine.io.landcover --resolution {res} {found.group(1)}") from None
 
 
-def check_cube(ds: xr.Dataset, features: list[str], label: str) -> None:
-    """Features and the label exist and are 2-D on the same (y, x) grid."""
+def class_names(ds: xr.Dataset, variable: str, classes: Iterable[int]) -> list[str]:
+    """The names of ``classes`` in ``variable``'s CF ``flag_meanings`` (``class_<code>``
+    for a code it does not name)."""
+    attrs = ds[variable].attrs
+    values = [int(v) for v in np.atleast_1d(attrs.get("flag_values", []))]
+    names = dict(zip(values, str(attrs.get("flag_meanings", "")).split(), strict=False))
+    return [names.get(c, f"class_{c}") for c in classes]
+
+
+def check_cube(ds: xr.Dataset, features: list[str], label: str) -> tuple[str, str]:
+    """Features and the label exist and are 2-D on the same (y, x) grid, the label holds
+    integer class codes; returns the ``(y, x)`` dims."""
     missing = [v for v in [*features, label] if v not in ds.data_vars]
     if missing:
         raise CubeError(f"variables {missing} are not in the cube (it has "
@@ -331,4 +415,8 @@ def check_cube(ds: xr.Dataset, features: list[str], label: str) -> None:
     if len(dims) != 2:
         raise CubeError(f"the label {label!r} has dims {dims}: the patch kinds need a 2-D "
                         "(y, x) cube")
+    if not np.issubdtype(ds[label].dtype, np.integer):
+        raise CubeError(f"label.variable {label!r} is {ds[label].dtype}, not class codes: "
+                        "name an integer class variable (e.g. landcover)")
+    return str(dims[0]), str(dims[1])
 

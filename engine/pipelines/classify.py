@@ -25,28 +25,29 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from engine.errors import CubeError, SpecError
+from engine.errors import SpecError
 from engine.pipelines._segcommon import (
+    CodeLabelSpec,
     Fold,
     FoldEpochs,
-    GeoFoldSpec,
-    InferenceSpec,
+    PatchJobSpec,
     PatchSpec,
-    check_common_patch_spec,
     check_cube,
+    class_names,
     count_patches,
     fit_fold,
+    fmt,
     fold_region,
     folds_hash,
     geo_folds,
-    load_state,
     multiclass_scores,
     open_patch_input,
+    reload_folds,
     save_state,
     summary,
 )
 from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained
-from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
+from engine.pipelines.spec import TrainSpec
 
 __all__ = ["ClassifySpec", "ClassLabelSpec", "ClassifyModelSpec", "ClassifyTrainSpec",
            "ClassifyJob", "tile_majority", "JOB"]
@@ -55,10 +56,9 @@ _IGNORE = -100  # target of a tile whose majority is not a listed class (not sco
 
 
 @dataclass(frozen=True)
-class ClassLabelSpec:
+class ClassLabelSpec(CodeLabelSpec):
     """The classes: codes of ``variable``; the majority code of a tile is its class."""
 
-    variable: str = "landcover"
     #: Class codes, in the order of the model's outputs (default: IGBP 0..16).
     classes: list[int] = field(default_factory=lambda: list(range(17)))
 
@@ -86,32 +86,19 @@ class ClassifyTrainSpec(TrainSpec):
 
 
 @dataclass(frozen=True)
-class ClassifySpec(JobSpecBase):
-    """A tile classification job: one ResNet-18 per geographic fold."""
+class ClassifySpec(PatchJobSpec):
+    """A tile classification job: one ResNet-18 per geographic fold. The sections it shares
+    with ``segment`` are :class:`~engine.pipelines._segcommon.PatchJobSpec`'s."""
 
-    name: str
-    input: InputSpec
-    output: OutputSpec
     kind: Literal["classify"] = "classify"
-    features: list[str] = field(default_factory=lambda: ["red", "green", "blue", "relief"])
     label: ClassLabelSpec = field(default_factory=ClassLabelSpec)
     patches: PatchSpec = field(default_factory=lambda: PatchSpec(size=64, random_share=0.0))
-    split: GeoFoldSpec = field(default_factory=GeoFoldSpec)
     model: ClassifyModelSpec = field(default_factory=ClassifyModelSpec)
     train: ClassifyTrainSpec = field(default_factory=ClassifyTrainSpec)
-    predict: InferenceSpec = field(default_factory=InferenceSpec)
-    device: str = "auto"
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    seed: int = 0
-    base_dir: str = "."
 
     def check(self) -> None:
         super().check()
-        check_common_patch_spec(self)
-        c = self.label.classes
-        if len(c) < 2 or len(set(c)) != len(c) or not all(0 <= v <= 254 for v in c):
-            raise SpecError(f"label.classes must list two or more distinct codes in [0, 254], "
-                            f"got {c}")
+        self.label.check(at_least=2)
         if not 4 <= self.model.width <= 256:
             raise SpecError(f"model.width must be in [4, 256], got {self.model.width}")
         if not self.model.fine_tune and not self.model.weights:
@@ -172,12 +159,8 @@ class ClassifyJob(Job):
     def prepare(self, spec: ClassifySpec) -> ClassifyPrepared:
         base = open_patch_input(spec)
         ds = base.ds
-        check_cube(ds, spec.features, spec.label.variable)
+        y, x = check_cube(ds, spec.features, spec.label.variable)
         lab = ds[spec.label.variable]
-        if not np.issubdtype(lab.dtype, np.integer):
-            raise CubeError(f"label.variable {spec.label.variable!r} is {lab.dtype}, not class "
-                            "codes: name an integer class variable (e.g. landcover)")
-        y, x = (str(d) for d in lab.dims)
         for d in (y, x):
             if 2 * spec.patches.size > ds.sizes[d]:
                 raise SpecError(f"patches.size {spec.patches.size} leaves fewer than two tiles "
@@ -232,13 +215,7 @@ class ClassifyJob(Job):
         nf = len(spec.features)
         names = [f"fold{f.number}.pt" for f in folds]
         if ctx.previous is not None:
-            models = []
-            for name in names:
-                m = self._model(spec, nf)
-                load_state(m, ctx.path(name))
-                m.eval()  # as fit leaves a trained model
-                models.append(m)
-            ctx.log(f"resuming: reusing the {len(models)} fold models in {ctx.run_dir}")
+            models = reload_folds(lambda: self._model(spec, nf), names, ctx)
             return ClassifyTrained(model=models, info=ctx.previous,
                                    model_hash=folds_hash(models), checkpoints=names,
                                    fresh=False, baselines=ctx.previous["baselines"])
@@ -416,19 +393,19 @@ class ClassifyJob(Job):
                trained: Trained, metrics: dict[str, Any], written: xr.Dataset,
                ctx: RunContext) -> Report:
         spec: ClassifySpec = p.spec
-        rows = [[str(r["fold"]), str(r["n_tiles"]), _f(r["accuracy"]), _f(r["macro_f1"]),
-                 _f(r["baseline_accuracy"]), _f(r["baseline_macro_f1"])]
+        rows = [[str(r["fold"]), str(r["n_tiles"]), fmt(r["accuracy"]), fmt(r["macro_f1"]),
+                 fmt(r["baseline_accuracy"]), fmt(r["baseline_macro_f1"])]
                 for r in metrics["folds"]]
         s = metrics["summary"]
         keys = ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1")
-        rows.append(["mean", "", *(_f(s[k]["mean"]) for k in keys)])
-        rows.append(["std", "", *(_f(s[k]["std"]) for k in keys)])
+        rows.append(["mean", "", *(fmt(s[k]["mean"]) for k in keys)])
+        rows.append(["std", "", *(fmt(s[k]["std"]) for k in keys)])
         files = {}
         for r in metrics["folds"]:
             path = ctx.path(f"confusion_fold{r['fold']}.png")
             _plot_confusion(np.array(r["confusion"]), metrics["classes"], path,
-                            f"{spec.name} fold {r['fold']}: accuracy {_f(r['accuracy'])}, "
-                            f"macro-F1 {_f(r['macro_f1'])}")
+                            f"{spec.name} fold {r['fold']}: accuracy {fmt(r['accuracy'])}, "
+                            f"macro-F1 {fmt(r['macro_f1'])}")
             files[f"confusion_fold{r['fold']}"] = path
             jpath = ctx.path(f"confusion_fold{r['fold']}.json")
             with open(jpath, "w") as fh:
@@ -436,8 +413,8 @@ class ClassifyJob(Job):
                            "rows": "true class", "columns": "predicted class",
                            "confusion": r["confusion"]}, fh)
             files[f"confusion_fold{r['fold']}_json"] = jpath
-        notes = [f"majority-class baseline: accuracy {_f(s['baseline_accuracy']['mean'])}, "
-                 f"macro-F1 {_f(s['baseline_macro_f1']['mean'])} (the most frequent class of "
+        notes = [f"majority-class baseline: accuracy {fmt(s['baseline_accuracy']['mean'])}, "
+                 f"macro-F1 {fmt(s['baseline_macro_f1']['mean'])} (the most frequent class of "
                  "each fold's training tiles)"]
         return Report(title=f"{spec.name}: {spec.patches.size}x{spec.patches.size} tiles, "
                             f"{len(spec.label.classes)} classes, {spec.split.k} geographic folds",
@@ -447,15 +424,8 @@ class ClassifyJob(Job):
                                "macro_f1_mean": s["macro_f1"]["mean"]})
 
 
-def _f(v: Any) -> str:
-    return "nan" if v is None or not np.isfinite(v) else f"{v:.3f}"
-
-
 def _meanings(ds: xr.Dataset, variable: str, classes: list[int]) -> str:
-    attrs = ds[variable].attrs
-    names = dict(zip([int(v) for v in np.atleast_1d(attrs.get("flag_values", []))],
-                     str(attrs.get("flag_meanings", "")).split(), strict=False))
-    return " ".join(names.get(c, f"class_{c}") for c in classes)
+    return " ".join(class_names(ds, variable, classes))
 
 
 def _plot_confusion(conf: np.ndarray, classes: list[int], path: str, title: str) -> None:

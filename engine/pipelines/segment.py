@@ -30,28 +30,28 @@ import dask
 import numpy as np
 import xarray as xr
 
-from engine.errors import CubeError, SpecError
+from engine.errors import SpecError
 from engine.pipelines._segcommon import (
+    CodeLabelSpec,
     Fold,
     FoldEpochs,
-    GeoFoldSpec,
-    InferenceSpec,
-    PatchSpec,
+    PatchJobSpec,
     binary_scores,
-    check_common_patch_spec,
     check_cube,
+    class_names,
     count_patches,
     fit_fold,
+    fmt,
     fold_region,
     folds_hash,
     geo_folds,
-    load_state,
     open_patch_input,
+    reload_folds,
     save_state,
     summary,
 )
 from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained
-from engine.pipelines.spec import InputSpec, JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
+from engine.pipelines.spec import TrainSpec
 
 __all__ = ["SegmentSpec", "LabelSpec", "SegmentModelSpec", "SegmentTrainSpec", "SegmentJob",
            "band_areas", "cell_area_km2", "JOB"]
@@ -62,10 +62,9 @@ _SCORES = ("accuracy", "iou", "precision", "recall", "f1")
 
 
 @dataclass(frozen=True)
-class LabelSpec:
+class LabelSpec(CodeLabelSpec):
     """The label: cells whose ``variable`` holds one of ``classes`` are 1, the rest 0."""
 
-    variable: str = "landcover"
     #: Class codes of the positive class (IGBP: 15 permanent snow and ice, 0 water, ...).
     classes: list[int] = field(default_factory=lambda: [15])
 
@@ -93,38 +92,23 @@ class SegmentTrainSpec(TrainSpec):
 
 
 @dataclass(frozen=True)
-class SegmentSpec(JobSpecBase):
-    """A segmentation job: a UNet per geographic fold, every pixel predicted out of fold."""
+class SegmentSpec(PatchJobSpec):
+    """A segmentation job: a UNet per geographic fold, every pixel predicted out of fold.
+    The sections it shares with ``classify`` are :class:`~engine.pipelines._segcommon.
+    PatchJobSpec`'s."""
 
-    name: str
-    input: InputSpec
-    output: OutputSpec
     kind: Literal["segment"] = "segment"
-    features: list[str] = field(default_factory=lambda: ["red", "green", "blue", "relief"])
     label: LabelSpec = field(default_factory=LabelSpec)
-    patches: PatchSpec = field(default_factory=PatchSpec)
-    split: GeoFoldSpec = field(default_factory=GeoFoldSpec)
     model: SegmentModelSpec = field(default_factory=SegmentModelSpec)
     train: SegmentTrainSpec = field(default_factory=SegmentTrainSpec)
-    predict: InferenceSpec = field(default_factory=InferenceSpec)
-    #: Where training and inference run: auto (CUDA when there is one), cpu, cuda, cuda:N.
-    device: str = "auto"
     #: Probability at or above which a pixel is predicted positive.
     threshold: float = 0.5
     #: Latitude bands of the area table, degrees.
     area_band: float = 30.0
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    seed: int = 0
-    base_dir: str = "."
 
     def check(self) -> None:
         super().check()
-        check_common_patch_spec(self)
-        if not self.label.classes:
-            raise SpecError("label.classes must list at least one class code, e.g. [15]")
-        bad = [c for c in self.label.classes if not 0 <= c <= 254]
-        if bad:
-            raise SpecError(f"label.classes {bad}: class codes are integers in [0, 254]")
+        self.label.check(at_least=1)
         m = self.model
         if not 1 <= m.depth <= 6 or not 1 <= m.base <= 256:
             raise SpecError(f"model.depth must be in [1, 6] and model.base in [1, 256], got "
@@ -154,14 +138,6 @@ class SegmentTrained(Trained):
     folds: list[Any] = field(default_factory=list)
 
 
-def _class_names(ds: xr.Dataset, variable: str, classes: list[int]) -> list[str]:
-    attrs = ds[variable].attrs
-    values = [int(v) for v in np.atleast_1d(attrs.get("flag_values", []))]
-    meanings = str(attrs.get("flag_meanings", "")).split()
-    names = dict(zip(values, meanings, strict=False))
-    return [names.get(c, f"class_{c}") for c in classes]
-
-
 class SegmentJob(Job):
     name = "segment"
     summary = ("UNet segmentation of label classes on label-centred patches with geographic "
@@ -173,11 +149,8 @@ class SegmentJob(Job):
     def prepare(self, spec: SegmentSpec) -> SegmentPrepared:
         base = open_patch_input(spec)
         ds = base.ds
-        check_cube(ds, spec.features, spec.label.variable)
+        y, x = check_cube(ds, spec.features, spec.label.variable)
         lab = ds[spec.label.variable]
-        if not np.issubdtype(lab.dtype, np.integer):
-            raise CubeError(f"label.variable {spec.label.variable!r} is {lab.dtype}, not class "
-                            "codes: name an integer class variable (e.g. landcover)")
         known = lab.attrs.get("flag_values")
         if known is not None:
             unknown = sorted(set(spec.label.classes) - {int(v) for v in np.atleast_1d(known)})
@@ -185,7 +158,6 @@ class SegmentJob(Job):
                 raise SpecError(f"label.classes {unknown} are not codes of "
                                 f"{spec.label.variable!r} (its flag_values are "
                                 f"{[int(v) for v in np.atleast_1d(known)]})")
-        y, x = (str(d) for d in lab.dims)
         for d in (y, x):
             if spec.patches.size > ds.sizes[d]:
                 raise SpecError(f"patches.size {spec.patches.size} is larger than the cube "
@@ -203,7 +175,7 @@ class SegmentJob(Job):
 
     def describe(self, p: SegmentPrepared) -> str:  # type: ignore[override]
         s = p.spec
-        names = _class_names(p.ds, s.label.variable, s.label.classes)
+        names = class_names(p.ds, s.label.variable, s.label.classes)
         return (f"segment {'+'.join(names)} ({s.label.variable} in {s.label.classes}) from "
                 f"{', '.join(s.features)}; {s.split.k} longitude folds, patches "
                 f"{s.patches.size}; cube {dict(p.ds.sizes)}")
@@ -226,21 +198,15 @@ class SegmentJob(Job):
         spec: SegmentSpec = p.spec
         nf = len(spec.features)
         names = [f"fold{f.number}.pt" for f in folds]
-        models = []
         if ctx.previous is not None:
-            for name in names:
-                m = self._model(spec, nf)
-                load_state(m, ctx.path(name))
-                m.eval()  # as fit leaves a trained model
-                models.append(m)
-            ctx.log(f"resuming: reusing the {len(models)} fold models in {ctx.run_dir}")
+            models = reload_folds(lambda: self._model(spec, nf), names, ctx)
             return SegmentTrained(model=models, info=ctx.previous, model_hash=folds_hash(models),
                                   checkpoints=names, fresh=False, folds=folds)
         size = {p.y: spec.patches.size, p.x: spec.patches.size}
         stride = spec.patches.stride or max(1, spec.patches.size // 4)
         loss = segmentation_loss(spec.model.loss, spec.model.pos_weight)
         variables = [*spec.features, "__label"]
-        records, resources = [], []
+        models, records, resources = [], [], []
         total_samples, total_seconds = 0, 0.0
         for f, name in zip(folds, names, strict=True):
             train_r = fold_region(p.ds, p.x, f.train)
@@ -306,7 +272,7 @@ class SegmentJob(Job):
         chunks = dict(zip(like.dims, like.chunks or (), strict=False))
         probability = xr.concat(parts, dim=p.x).transpose(*like.dims).chunk(chunks)
         probability = probability.astype(np.float32)
-        names = _class_names(p.ds, spec.label.variable, spec.label.classes)
+        names = class_names(p.ds, spec.label.variable, spec.label.classes)
         probability.attrs = {
             "long_name": f"probability of {' or '.join(names)}, predicted out of fold",
             "units": "1", "valid_range": [0.0, 1.0],
@@ -360,7 +326,7 @@ class SegmentJob(Job):
                          **binary_scores(int(tp), int(fp), int(fn), int(tn)),
                          "n_labelled": int(tp + fn), "n_predicted": int(tp + fp)})
         pooled = binary_scores(*(int(sum(c[j] for c in counts)) for j in range(4)))
-        names = _class_names(p.ds, spec.label.variable, spec.label.classes)
+        names = class_names(p.ds, spec.label.variable, spec.label.classes)
         return {
             "job": spec.name, "kind": "segment",
             "label": {"variable": spec.label.variable, "classes": spec.label.classes,
@@ -385,11 +351,11 @@ class SegmentJob(Job):
         spec: SegmentSpec = p.spec
         rows = [[str(r["fold"]), f"{r['lon_min']:.0f}..{r['lon_max']:.0f}",
                  str(r["n_patches"] if r["n_patches"] is not None else "-"),
-                 *(_fmt(r[k]) for k in _SCORES)]
+                 *(fmt(r[k]) for k in _SCORES)]
                 for r in metrics["folds"]]
         s = metrics["summary"]
-        rows.append(["mean", "", "", *(_fmt(s[k]["mean"]) for k in _SCORES)])
-        rows.append(["std", "", "", *(_fmt(s[k]["std"]) for k in _SCORES)])
+        rows.append(["mean", "", "", *(fmt(s[k]["mean"]) for k in _SCORES)])
+        rows.append(["std", "", "", *(fmt(s[k]["std"]) for k in _SCORES)])
         files = {}
         for f in folds:
             files[f"map_fold{f.number}"] = _plot_fold(written, f, p.y, p.x, spec,
@@ -400,10 +366,10 @@ class SegmentJob(Job):
         a = metrics["area_km2"]["total"]
         notes = [f"area {'+'.join(metrics['label']['names'])}: predicted "
                  f"{a['predicted_km2']:,.0f} km2, labelled {a['labelled_km2']:,.0f} km2 "
-                 f"(ratio {_fmt(a['ratio'])}); per {spec.area_band:g}-degree latitude band in "
+                 f"(ratio {fmt(a['ratio'])}); per {spec.area_band:g}-degree latitude band in "
                  "metrics.json area_km2",
                  f"document 003 (glaciers, Alps): IoU 0.83±0.05; this run: IoU "
-                 f"{_fmt(s['iou']['mean'])}±{_fmt(s['iou']['std'])}"]
+                 f"{fmt(s['iou']['mean'])}±{fmt(s['iou']['std'])}"]
         return Report(title=f"{spec.name}: {spec.split.k} geographic folds, label "
                             f"{spec.label.variable} in {spec.label.classes}",
                       columns=["fold", "lon", "patches", "acc", "IoU", "prec", "recall", "F1"],
@@ -413,10 +379,6 @@ class SegmentJob(Job):
 
 def _identity(y: np.ndarray) -> np.ndarray:
     return y
-
-
-def _fmt(v: Any) -> str:
-    return "nan" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
 def _split_attrs(spec: SegmentSpec, folds: list[Fold], ds: xr.Dataset, x: str) -> dict:
@@ -500,8 +462,8 @@ def _plot_fold(written: xr.Dataset, f: Fold, y: str, x: str, spec: SegmentSpec,
     axes[2].imshow(err, extent=ext, cmap=cmap, vmin=-0.5, vmax=3.5, aspect="auto",
                    interpolation="nearest")
     axes[2].set_title("TP blue, FP red, FN orange")
-    fig.suptitle(f"{spec.name} fold {f.number}: IoU {_fmt(row['iou'])}, precision "
-                 f"{_fmt(row['precision'])}, recall {_fmt(row['recall'])}")
+    fig.suptitle(f"{spec.name} fold {f.number}: IoU {fmt(row['iou'])}, precision "
+                 f"{fmt(row['precision'])}, recall {fmt(row['recall'])}")
     fig.savefig(path)
     plt.close(fig)
     return path
