@@ -123,3 +123,13 @@ def run_cli(capsys) -> Callable[[list[str]], tuple[int, str, str]]:
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_landcover(tmp_path_factory) -> str:
+    """Catalog path (entry ``small``) of the committed land-cover cube coarsened to 2 degrees
+    (90 x 180 cells, chunks of a quarter per dim), made once: the patch kinds' end-to-end
+    cube (tests/_segfixtures.py)."""
+    from tests._segfixtures import small_catalog
+
+    return small_catalog(tmp_path_factory.mktemp("landcover_small"))

@@ -16,7 +16,7 @@ from engine.errors import SpecError
 from engine.ml.archs import ResNet18, resnet18
 from engine.pipelines.classify import tile_majority
 from engine.pipelines.spec import load_job
-from tests.test_segment import small_catalog
+from tests._segfixtures import run_folder, run_small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "classify-landcover.yaml")
@@ -54,16 +54,10 @@ def test_spec_checks_are_one_line():
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    from engine._cli.main import main
-
-    tmp = tmp_path_factory.mktemp("cls")
-    cat = small_catalog(tmp)
-    out = tmp / "cls.zarr"
-    code = main(["run", JOB, "--cluster", "threads", "--quiet", "--output", str(out),
-                 "--set", f"input.catalog={cat}", "--set", "input.entry=small", *SMALL])
-    assert code == 0
-    return out, cat
+def small_run(tmp_path_factory, small_landcover):
+    out = tmp_path_factory.mktemp("cls") / "cls.zarr"
+    assert run_small(JOB, out, small_landcover, *SMALL) == 0
+    return out, small_landcover
 
 
 def test_shipped_job_on_a_reduced_grid(small_run):
@@ -81,7 +75,7 @@ def test_shipped_job_on_a_reduced_grid(small_run):
     np.testing.assert_allclose(ds["lat"].values, cube["lat"].values[:88].reshape(11, 8).mean(1))
     assert set(np.unique(ds["fold"].values)) == set(range(5))
     assert set(np.unique(ds["predicted"].values)) <= set(range(17))
-    run = str(out)[:-5] + ".run"
+    run = run_folder(out)
     m = json.load(open(os.path.join(run, "metrics.json")))
     lab, fold = ds["label"].values, ds["fold"].values
     for r in m["folds"]:
@@ -100,15 +94,11 @@ def test_shipped_job_on_a_reduced_grid(small_run):
 
 
 def test_a_users_weights_file_is_evaluated_without_training(small_run, tmp_path):
-    from engine._cli.main import main
-
     out, cat = small_run
-    ckpt = str(out)[:-5] + ".run/fold0.pt"
+    ckpt = os.path.join(run_folder(out), "fold0.pt")
     out2 = tmp_path / "w.zarr"
-    args = ["run", JOB, "--cluster", "threads", "--quiet", "--output", str(out2),
-            "--set", f"input.catalog={cat}", "--set", "input.entry=small", *SMALL,
-            "--set", f"model.weights={ckpt}", "--set", "model.fine_tune=false"]
-    assert main(args) == 0
+    assert run_small(JOB, out2, cat, *SMALL, "--set", f"model.weights={ckpt}",
+                     "--set", "model.fine_tune=false") == 0
     m = json.load(open(tmp_path / "w.run" / "metrics.json"))
     assert all("history" not in r and "epochs_run" not in r for r in m["training"])
     # every fold ran fold 0's model: on fold 0's sector the predictions are the same

@@ -3,7 +3,6 @@ end on a reduced (2-degree) copy of the committed land-cover cube."""
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -11,53 +10,19 @@ import xarray as xr
 import zarr
 
 from engine.errors import SpecError
-from engine.io.landcover import majority_regrid, mean_regrid
 from engine.pipelines._segcommon import binary_scores, geo_folds
 from engine.pipelines.segment import cell_area_km2
 from engine.pipelines.spec import load_job
+from tests._segfixtures import run_folder, run_small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(ROOT, "jobs", "segment-snowice.yaml")
 FULL = os.path.join(ROOT, "jobs", "segment-snowice-full.yaml")
-CATALOG = os.path.join(ROOT, "catalogs", "landcover.yaml")
 
 # the shipped job shrunk to seconds: 2-degree grid, 8-cell patches, one epoch per fold
 SMALL = ["--set", "patches.size=8", "--set", "patches.stride=4", "--set", "split.buffer=8",
          "--set", "model.base=8", "--set", "model.depth=1", "--set", "train.epochs=3",
          "--set", "train.patience=2", "--set", "patches.random_share=0.2"]
-
-
-def small_catalog(tmp_path, factor=4):
-    """A catalog of the committed 0.5-degree cube coarsened ``factor`` times (block mean /
-    majority), chunked 4 x 4: the reduced grid of the end-to-end tests."""
-    from engine.io.catalog import open_cube
-
-    ds = open_cube(CATALOG, "landcover_0p5").load()
-    ny, nx = ds.sizes["lat"] // factor, ds.sizes["lon"] // factor
-    out = xr.Dataset(
-        {v: (("lat", "lon"), mean_regrid(ds[v].values, (ny, nx)).astype(np.float32))
-         for v in ("red", "green", "blue", "relief")},
-        coords={"lat": ds.lat.values.reshape(ny, factor).mean(1),
-                "lon": ds.lon.values.reshape(nx, factor).mean(1)})
-    out["landcover"] = (("lat", "lon"), majority_regrid(ds.landcover.values, (ny, nx)))
-    out["landcover"].attrs = dict(ds.landcover.attrs)
-    out.lat.attrs, out.lon.attrs = dict(ds.lat.attrs), dict(ds.lon.attrs)
-    out.attrs = {k: v for k, v in ds.attrs.items() if not k.startswith("engine_")}
-    store = tmp_path / "small.zarr"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", module="zarr")
-        out.chunk({"lat": ny // 4, "lon": nx // 4}).to_zarr(store, zarr_format=3,
-                                                            consolidated=True)
-    cat = tmp_path / "small.yaml"
-    cat.write_text(f"""version: 2
-data:
-  small: {{datatype: 'intake.readers.datatypes:Zarr', kwargs: {{url: {store}}}}}
-entries:
-  small:
-    reader: 'intake.readers.readers:XArrayDatasetReader'
-    kwargs: {{args: ['{{data(small)}}'], consolidated: true}}
-""")
-    return str(cat)
 
 
 # -- folds ----------------------------------------------------------------------------------
@@ -115,16 +80,10 @@ def test_spec_checks_are_one_line():
 
 # -- the shipped job end to end ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    from engine._cli.main import main
-
-    tmp = tmp_path_factory.mktemp("seg")
-    cat = small_catalog(tmp)
-    out = tmp / "seg.zarr"
-    code = main(["run", JOB, "--cluster", "threads", "--quiet", "--output", str(out),
-                 "--set", f"input.catalog={cat}", "--set", "input.entry=small", *SMALL])
-    assert code == 0
-    return out, cat
+def small_run(tmp_path_factory, small_landcover):
+    out = tmp_path_factory.mktemp("seg") / "seg.zarr"
+    assert run_small(JOB, out, small_landcover, *SMALL) == 0
+    return out, small_landcover
 
 
 def test_shipped_job_on_a_reduced_grid(small_run):
@@ -141,7 +100,7 @@ def test_shipped_job_on_a_reduced_grid(small_run):
     assert ds.attrs["engine_job_kind"] == "segment" and len(ds.attrs["engine_model_hash"]) == 64
     split = json.loads(ds.attrs["engine_split"])
     assert split["k"] == 5 and split["buffer"] == 8
-    run = str(out)[:-5] + ".run"
+    run = run_folder(out)
     m = json.load(open(os.path.join(run, "metrics.json")))
     assert [r["fold"] for r in m["folds"]] == list(range(5))
     for r in m["folds"]:
@@ -167,14 +126,10 @@ def test_shipped_job_on_a_reduced_grid(small_run):
 
 
 def test_resume_reuses_the_fold_models_and_skips_written_regions(small_run):
-    from engine._cli.main import main
-
     out, cat = small_run
     before = xr.open_zarr(out)["probability"].values
-    code = main(["run", JOB, "--cluster", "threads", "--quiet", "--output", str(out),
-                 "--set", f"input.catalog={cat}", "--set", "input.entry=small", *SMALL])
-    assert code == 0
-    m = json.load(open(str(out)[:-5] + ".run/metrics.json"))
+    assert run_small(JOB, out, cat, *SMALL) == 0
+    m = json.load(open(os.path.join(run_folder(out), "metrics.json")))
     assert m["throughput"]["trained"] is False or m["throughput"].get("resumed_runs")
     np.testing.assert_array_equal(xr.open_zarr(out)["probability"].values, before)
 
