@@ -535,8 +535,32 @@ def _ci(values: Sequence[float] | np.ndarray) -> list[float] | None:
     return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
 
 
+def _group_index(groups: Any, n: int) -> np.ndarray:
+    """Group ids (one per row) as ``0..G-1`` in sorted order of the ids, so a group's
+    number, and with it the bootstrap draws, do not depend on the order of the rows."""
+    g = np.asarray(groups.compute() if _is_dask(groups) else groups).ravel()
+    if g.size != n:
+        raise SpecError(f"scores: groups has {g.size} rows, labels {n}: pass one group id "
+                        "per row (e.g. the time index of each tile)")
+    try:
+        _, gi = np.unique(g, return_inverse=True)
+    except TypeError as e:  # mixed types: no order
+        raise SpecError(f"scores: group ids must be of one sortable type ({e})") from None
+    return gi.ravel().astype(np.int64)
+
+
+def _group_cells(gi: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                            np.ndarray]:
+    """The distinct ``(group, cell)`` pairs with their row counts: a resample of groups
+    is then one weighted ``bincount`` over at most ``n`` pairs."""
+    values, ci = np.unique(cell, return_inverse=True)
+    pairs, counts = np.unique(gi * values.size + ci.ravel(), return_counts=True)
+    return pairs // values.size, values[pairs % values.size], counts.astype(np.float64)
+
+
 def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: int = 200,
-           seed: int = 0, silhouette_sample: int = 2000) -> dict[str, Any]:
+           seed: int = 0, silhouette_sample: int = 2000,
+           groups: Any = None) -> dict[str, Any]:
     """Cluster labels scored against reference labels, with bootstrap 95 % intervals.
 
     Returns a JSON-ready dict: ``nmi`` (arithmetic normalisation, see :func:`nmi`), ``ari``,
@@ -544,17 +568,32 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
     ``labels_pred`` in ``embeddings`` (when given, on a random subsample of
     ``silhouette_sample`` rows; ``None`` when the subsample has fewer than 2 clusters),
     each point estimate with ``<name>_ci = [low, high]``: percentile bootstrap, 2.5th and
-    97.5th percentiles of ``n_boot`` resamples of the rows with replacement (``None`` when
-    ``n_boot=0``; a class missing from a resample gives no value to its interval). The
-    silhouette interval resamples the subsample's per-row silhouette values. Every
-    interval holds the clustering fixed. Also ``n``, ``n_boot`` and
-    ``nmi_normalisation: "arithmetic"``. Each resample costs ``O(n)`` (one ``bincount``).
+    97.5th percentiles of ``n_boot`` resamples (``None`` when ``n_boot=0``; a class missing
+    from a resample gives no value to its interval). Every interval holds the clustering
+    fixed. Each resample costs ``O(n)`` (one ``bincount``).
+
+    Without ``groups`` each resample draws ``n`` rows with replacement
+    (``bootstrap: "rows"``). With ``groups`` (one id per row, e.g. the time index of each
+    tile: tiles of one day are correlated, so resampling rows understates the spread)
+    each resample draws the ``G`` groups with replacement and takes all rows of every
+    drawn group (a cluster, or block, bootstrap: ``bootstrap: "groups"``, ``n_groups:
+    G``); the resample size varies. The silhouette interval resamples the subsample's
+    per-row silhouette values, as rows or by the same groups. With fewer than 2 groups
+    there is nothing to resample: the intervals are ``None`` and ``ci_reason`` says why
+    (``ci_reason`` is ``None`` otherwise; ``silhouette_ci_reason`` likewise for the groups
+    present in the silhouette subsample). Group draws are over the sorted group ids, so
+    the order of the rows does not change the group intervals. Also ``n``, ``n_boot`` and
+    ``nmi_normalisation: "arithmetic"``.
 
     Examples
     --------
     >>> s = scores([0, 0, 1, 1] * 25, [1, 1, 0, 0] * 25, n_boot=20)
-    >>> s["nmi"], s["ari"], [round(v, 9) for v in s["nmi_ci"]]
-    (1.0, 1.0, [1.0, 1.0])
+    >>> s["nmi"], s["ari"], [round(v, 9) for v in s["nmi_ci"]], s["bootstrap"]
+    (1.0, 1.0, [1.0, 1.0], 'rows')
+    >>> days = np.repeat(np.arange(10), 10)  # ten tiles on each of ten days
+    >>> s = scores([0, 1] * 50, [0, 1] * 45 + [1, 0] * 5, n_boot=20, groups=days)
+    >>> s["bootstrap"], s["n_groups"], round(s["nmi"], 3), len(s["nmi_ci"])
+    ('groups', 10, 0.531, 2)
     """
     lt = np.asarray(labels_true).ravel()
     lp = np.asarray(labels_pred).ravel()
@@ -565,6 +604,14 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
         raise SpecError("scores: needs at least 2 labelled rows")
     if n_boot < 0:
         raise SpecError(f"scores: n_boot={n_boot} must be >= 0")
+    gi = None if groups is None else _group_index(groups, n)
+    n_groups = None if gi is None else int(gi.max()) + 1
+    reason = None
+    if n_boot == 0:
+        reason = "n_boot=0: no bootstrap"
+    elif n_groups is not None and n_groups < 2:
+        reason = (f"groups has {n_groups} distinct id: a group bootstrap needs at least 2 "
+                  "groups; pass groups=None to resample rows")
     rng = np.random.default_rng(seed)
     classes, ti = np.unique(lt, return_inverse=True)
     _, pi = np.unique(lp, return_inverse=True)
@@ -579,12 +626,26 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
     overall, per = _purity_table(t)
     names = [str(c.item()) for c in classes]
     out: dict[str, Any] = {"n": int(n), "n_boot": int(n_boot), "nmi_normalisation": "arithmetic",
+                           "bootstrap": "rows" if gi is None else "groups",
+                           "n_groups": n_groups, "ci_reason": reason,
                            "nmi": _nmi_table(t), "ari": _ari_table(t), "purity": overall,
                            "purity_per_class": dict(zip(names, per.tolist(), strict=True))}
-    boot = np.empty((n_boot, 3))
-    boot_per = np.empty((n_boot, kt))
-    for b in range(n_boot):
-        tb = table(rng.integers(0, n, n))
+    n_res = 0 if reason else n_boot
+    boot = np.empty((n_res, 3))
+    boot_per = np.empty((n_res, kt))
+    if gi is None:
+        resampled = (table(rng.integers(0, n, n)) for _ in range(n_res))
+    else:
+        pg, pc, pn = _group_cells(gi, code)
+        g = int(gi.max()) + 1
+
+        def group_table() -> np.ndarray:
+            w = np.bincount(rng.integers(0, g, g), minlength=g)
+            tb = np.bincount(pc, weights=w[pg] * pn, minlength=kt * kp)
+            return np.rint(tb).astype(np.int64).reshape(kt, kp)
+
+        resampled = (group_table() for _ in range(n_res))
+    for b, tb in enumerate(resampled):
         ob, pb = _purity_table(tb)
         boot[b] = _nmi_table(tb), _ari_table(tb), ob
         boot_per[b] = pb
@@ -598,15 +659,38 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
         m = min(n, silhouette_sample)
         idx = np.sort(rng.choice(n, m, replace=False))
         out["silhouette_n"] = int(m)
+        out["silhouette_ci_reason"] = reason
         if 2 <= np.unique(lp[idx]).size <= m - 1:
             s = silhouette_samples(_take_rows(embeddings, idx), lp[idx])
             out["silhouette"] = float(s.mean())
-            out["silhouette_ci"] = _ci([float(s[rng.integers(0, m, m)].mean())
-                                        for _ in range(n_boot)])
+            out["silhouette_ci"] = _silhouette_ci(s, None if gi is None else gi[idx],
+                                                  0 if reason else n_boot, rng, out)
         else:  # undefined for one cluster (or all singletons)
             out["silhouette"] = None
             out["silhouette_ci"] = None
     return out
+
+
+def _silhouette_ci(s: np.ndarray, gs: np.ndarray | None, n_boot: int,
+                   rng: np.random.Generator, out: dict[str, Any]) -> list[float] | None:
+    """Bootstrap interval of the mean of per-row silhouettes ``s``: rows, or the groups
+    ``gs`` of those rows (per-group sums and counts: each resample is ``O(groups)``)."""
+    m = s.size
+    if gs is None:
+        return _ci([float(s[rng.integers(0, m, m)].mean()) for _ in range(n_boot)])
+    _, gsi = np.unique(gs, return_inverse=True)
+    n_sub = int(gsi.max()) + 1
+    if n_boot and n_sub < 2:
+        out["silhouette_ci_reason"] = (f"the silhouette subsample holds {n_sub} group: a "
+                                       "group bootstrap needs at least 2")
+        return None
+    sums = np.bincount(gsi, weights=s, minlength=n_sub)
+    counts = np.bincount(gsi, minlength=n_sub).astype(np.float64)
+    means = []
+    for _ in range(n_boot):
+        w = np.bincount(rng.integers(0, n_sub, n_sub), minlength=n_sub)
+        means.append(float(w @ sums / (w @ counts)))
+    return _ci(means)
 
 
 # ------------------------------------------------------------------------- multi-scale
@@ -615,7 +699,8 @@ def scores(labels_true: Any, labels_pred: Any, embeddings: Any = None, n_boot: i
 def nmi_vs_scale(embeddings: Mapping[Any, Any], labels_true: Any | Mapping[Any, Any], k: int,
                  method: Literal["kmeans", "ward"] = "kmeans", seed: int = 0,
                  n_boot: int = 200, subsample: int = 5000,
-                 pca_components: int | None = None) -> list[dict[str, Any]]:
+                 pca_components: int | None = None,
+                 groups: Any | Mapping[Any, Any] = None) -> list[dict[str, Any]]:
     """Document 004's scale experiment: cluster the embeddings of each tile size, score.
 
     ``embeddings`` maps a scale (tile size in px or km) to the ``(n, d)`` embeddings of
@@ -624,7 +709,9 @@ def nmi_vs_scale(embeddings: Mapping[Any, Any], labels_true: Any | Mapping[Any, 
     ``ward``, optionally after PCA to ``pca_components``) and scored with :func:`scores`.
     Returns one row per scale, sorted by scale: ``scale``, ``n``, ``nmi``, ``nmi_low``,
     ``nmi_high``, ``ari``, ``ari_low``, ``ari_high`` (the bounds ``None`` when
-    ``n_boot=0``), ``purity``.
+    ``n_boot=0`` or with fewer than 2 groups), ``purity``, ``bootstrap`` and ``n_groups``.
+    ``groups`` (one array for all scales or a mapping scale -> group ids, e.g. the time
+    index of each tile) makes the intervals a group bootstrap, as in :func:`scores`.
     """
     rows = []
     for scale in sorted(embeddings):
@@ -638,12 +725,14 @@ def nmi_vs_scale(embeddings: Mapping[Any, Any], labels_true: Any | Mapping[Any, 
         else:
             raise SpecError(f"nmi_vs_scale: method={method!r}: use 'kmeans' or 'ward'")
         labels = np.asarray(labels.compute() if _is_dask(labels) else labels)
-        s = scores(lt, labels, n_boot=n_boot, seed=seed)
+        g = groups[scale] if isinstance(groups, Mapping) else groups
+        s = scores(lt, labels, n_boot=n_boot, seed=seed, groups=g)
         nmi_ci = s["nmi_ci"] or [None, None]
         ari_ci = s["ari_ci"] or [None, None]
         rows.append({"scale": scale, "n": s["n"], "nmi": s["nmi"], "nmi_low": nmi_ci[0],
                      "nmi_high": nmi_ci[1], "ari": s["ari"], "ari_low": ari_ci[0],
-                     "ari_high": ari_ci[1], "purity": s["purity"]})
+                     "ari_high": ari_ci[1], "purity": s["purity"],
+                     "bootstrap": s["bootstrap"], "n_groups": s["n_groups"]})
     return rows
 
 
