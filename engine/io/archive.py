@@ -65,10 +65,8 @@ from engine.io.manifest import (
     quiet_zarr,
     read_manifest,
 )
-from engine.io.writer import WriteResult
-from engine.io.writer.distributed import current_client, region_token, run_distributed
-from engine.io.writer.local import run_local
-from engine.io.writer.tasks import Failures, RegionTask
+from engine.io.writer import WriteResult, run_regions
+from engine.io.writer.distributed import current_client
 from engine.io.writer.template import build_template, consolidate, damaged_regions
 from engine.ops.regions import Region, check_alignment, plan_layout, region_grid, region_mb
 from engine.redact import redact, redact_text, redact_url
@@ -572,14 +570,7 @@ def write_archive(
 
     # one rolling window over every partition's regions, in time order: partitions
     # overlap (a year of annual data is one region) and each is recorded as it completes
-    failures: Failures = []
-    with stores.share_options(so, client) as ref:
-        tasks = [RegionTask(url, ref, r, rhash) for r in todo]
-        if tasks and client is not None:
-            failures = run_distributed(client, data, tasks, retries, on_done,
-                                       key_token=region_token(url, so, layout, rhash))
-        elif tasks:
-            failures = run_local(data, tasks, retries, on_done)
+    failures = run_regions(data, url, so, todo, rhash, layout, client, retries, on_done)
     if failures:
         task, err = min(failures, key=lambda f: f[0].index)
         more = f" ({len(failures) - 1} more regions failed)" if len(failures) > 1 else ""

@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 import xarray as xr
@@ -57,7 +58,15 @@ from engine.io.writer.template import (
     existing,
     write_template,
 )
-from engine.ops.regions import check_alignment, plan_layout, plan_regions, region_grid, region_mb
+from engine.ops.regions import (
+    Layout,
+    Region,
+    check_alignment,
+    plan_layout,
+    plan_regions,
+    region_grid,
+    region_mb,
+)
 from engine.redact import redact, redact_text, redact_url
 
 __all__ = ["write", "read_manifest", "verify", "WriteResult", "ENGINE_PREFIX"]
@@ -84,6 +93,29 @@ def _threads(client) -> int:
     if client is not None:
         return sum(client.nthreads().values()) or 1
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+def run_regions(data: xr.Dataset, url: str, so: dict, regions: Sequence[Region], fp_hash: str,
+                layout: Layout, client: Any, retries: int,
+                on_done: Callable[[dict], None]) -> Failures:
+    """Write ``regions`` of ``data`` into the store at ``url`` and record each one.
+
+    On ``client``'s workers (task keys named from :func:`.distributed.region_token`) or,
+    without a client, in a thread pool here; the storage options ``so`` travel by
+    reference (:func:`engine.io.stores.share_options`). ``on_done`` gets each region's
+    manifest record as it lands. Returns the regions that failed ``retries + 1`` times,
+    with their last error. Shared by :func:`write` and
+    :func:`engine.io.archive.write_archive`.
+    """
+    failures: Failures = []
+    with stores.share_options(so, client) as ref:
+        tasks = [RegionTask(url, ref, r, fp_hash) for r in regions]
+        if tasks and client is not None:
+            failures = run_distributed(client, data, tasks, retries, on_done,
+                                       key_token=region_token(url, so, layout, fp_hash))
+        elif tasks:
+            failures = run_local(data, tasks, retries, on_done)
+    return failures
 
 
 def write(
@@ -235,14 +267,8 @@ def write(
 
     if progress is not None:
         progress(n_skipped, n_total)
-    failures: Failures = []
-    with stores.share_options(so, client) as ref:
-        todo = [RegionTask(url, ref, r, fp_hash) for r in regions if r.index not in done]
-        if todo and client is not None:
-            failures = run_distributed(client, ds, todo, retries, on_done,
-                                       key_token=region_token(url, so, layout, fp_hash))
-        elif todo:
-            failures = run_local(ds, todo, retries, on_done)
+    failures = run_regions(ds, url, so, [r for r in regions if r.index not in done], fp_hash,
+                           layout, client, retries, on_done)
     if failures:
         task, err = min(failures, key=lambda f: f[0].index)
         more = f" ({len(failures) - 1} more regions failed)" if len(failures) > 1 else ""
