@@ -9,7 +9,13 @@ import xarray as xr
 from torch import nn
 
 from engine.errors import SpecError
-from engine.ml.gradcam import cube_gradcam, find_layer, gradcam, overlay_plot
+from engine.ml.gradcam import (
+    cube_gradcam,
+    find_layer,
+    gradcam,
+    overlay_plot,
+    resolving_layer,
+)
 from engine.testing.checks import raise_if_dask_computes
 
 SIZE = 16
@@ -255,3 +261,32 @@ def test_maps_equal_the_published_formulas(method):
         # the map is already tile-sized (no stride): upsampling is the identity
         np.testing.assert_allclose(r.heatmaps[i], expected, rtol=1e-4, atol=1e-6)
     assert (r.heatmaps > 0).any()
+
+
+def test_cube_gradcam_keys_are_tokens_of_data_model_and_parameters():
+    """A repeated call has the same keys (a resumed write recognises its data); another
+    model content, method or chunking has others."""
+    net = _small_resnet()
+    data = xr.DataArray(np.random.default_rng(1).random((3, 64, 64)).astype(np.float32),
+                        dims=("band", "y", "x")).chunk({"y": 32})
+    tile = {"y": 32, "x": 32}
+
+    def name(model=net, d=data, **kw):
+        return cube_gradcam(model, d, tile, channel_dim="band", **kw).cam.data.name
+
+    assert name() == name()
+    other = _small_resnet()
+    with torch.no_grad():
+        other.fc.bias += 1.0
+    assert len({name(), name(model=other), name(method="gradcam++"),
+                name(d=data.chunk({"y": 64}))}) == 4
+
+
+def test_resolving_layer_takes_the_deepest_stage_with_room_to_localise():
+    net = _small_resnet()  # small stem: blocks 0-1 at full size, then halved per stage
+    stages = [f"layers.{i}" for i in range(8)]
+    assert resolving_layer(net, torch.zeros(1, 3, 16, 16), stages) == "layers.5"   # 4 x 4
+    assert resolving_layer(net, torch.zeros(1, 3, 32, 32), stages) == "layers.7"   # 4 x 4
+    assert resolving_layer(net, torch.zeros(1, 3, 8, 8), stages) == "layers.3"
+    assert resolving_layer(net, torch.zeros(1, 3, 2, 2), stages) == "layers.0"  # none: first
+    assert net.training is False

@@ -19,7 +19,6 @@ task per block) and returns the maps beside the model's predictions as an
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,7 +36,8 @@ if TYPE_CHECKING:
     import xarray as xr
     from matplotlib.figure import Figure
 
-__all__ = ["CAMResult", "gradcam", "cube_gradcam", "overlay_plot", "find_layer"]
+__all__ = ["CAMResult", "gradcam", "cube_gradcam", "overlay_plot", "find_layer",
+           "map_sizes", "resolving_layer"]
 
 Method = Literal["gradcam", "gradcam++"]
 
@@ -81,6 +81,58 @@ def find_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
     if not convs:
         raise SpecError("the model has no Conv2d layer: name the target layer (layer=...)")
     return convs[-1]
+
+
+def map_sizes(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, int]:
+    """The smaller side of each named module's output map on ``x`` (one forward pass in
+    eval mode, no gradients); a module whose output is not ``(B, C, h, w)`` is left out.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Flatten())
+    >>> map_sizes(net, torch.zeros(1, 1, 9, 9), ["0", "1"])
+    {'0': 4}
+    """
+    modules = dict(model.named_modules())
+    sizes: dict[str, int] = {}
+    handles = []
+    for name in names:
+        if name not in modules:
+            raise SpecError(f"layer {name!r} is not in the model")
+
+        def keep(_m: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.ndim == 4:
+                sizes[name] = min(int(out.shape[-2]), int(out.shape[-1]))
+
+        handles.append(modules[name].register_forward_hook(keep))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: sizes[n] for n in names if n in sizes}
+
+
+def resolving_layer(model: nn.Module, x: torch.Tensor, candidates: Sequence[str],
+                    min_size: int = 4) -> str:
+    """The deepest of ``candidates`` (module names in forward order, e.g. a ResNet's
+    stages) whose output on ``x`` is still a map of at least ``min_size`` x ``min_size``
+    positions; the first candidate when none is.
+
+    The deepest layer explains best (its features are the classifier's), but on small
+    tiles the last stage of a ResNet is 1 x 1 or 2 x 2 and its map, upsampled, is a
+    constant or a blur: a map needs positions to localise anything.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, stride=2),
+    ...                     nn.Conv2d(2, 2, 3, stride=2))
+    >>> resolving_layer(net, torch.zeros(1, 1, 16, 16), ["0", "1", "2"])  # 16, 7, 3 positions
+    '1'
+    """
+    sizes = map_sizes(model, x, candidates)
+    ok = [n for n in candidates if sizes.get(n, 0) >= min_size]
+    return ok[-1] if ok else candidates[0]
 
 
 def _weights(acts: torch.Tensor, grads: torch.Tensor, method: Method) -> torch.Tensor:
@@ -258,7 +310,9 @@ def cube_gradcam(model: nn.Module, data: xr.DataArray, tile: Mapping[str, int],
     grid: ``cam`` (the map, 0..1 when ``normalize``), ``prediction`` (each pixel's tile's
     predicted class) and ``probability`` (softmax probability of the explained class);
     pixels of an incomplete edge tile, and tiles with a NaN input, are NaN.
-    Nothing is computed until the caller computes.
+    Nothing is computed until the caller computes. Graph keys are tokens of the input's
+    keys, the model's content (:func:`engine.ml.train.model_hash`) and every parameter, so
+    a repeated call has the same keys (a resumable write recognises its data).
     """
     import dask
     import dask.array as da
@@ -288,11 +342,18 @@ def cube_gradcam(model: nn.Module, data: xr.DataArray, tile: Mapping[str, int],
     out_chunks = ((3,), *arr.chunks[:lead], *arr.chunks[lead + 1:])
     kwargs = dict(tile=(th, tw), layer=layer, method=method,
                   batch_size=batch_size, target=target, normalize=normalize)
+    from engine.ml.train import model_hash
+
+    digest = dask.base.tokenize(type(model).__qualname__, model_hash(model),
+                                getattr(model, "output", None))
     # one graph key holds the model; every block task depends on it (not a copy per task)
-    model_key = dask.delayed(model, pure=False, traverse=False)
+    model_key = dask.delayed(model, name=f"gradcam-model-{digest}", pure=True,
+                             traverse=False)
+    token = dask.base.tokenize(arr.name, arr.chunks, digest, sorted(kwargs.items()))
+    # meta given: dask does not call the function on an empty block to find it
     stacked = da.map_blocks(_block_maps, arr, model_key, dtype=np.float32, chunks=out_chunks,
-                            drop_axis=lead, new_axis=0, name=f"gradcam-{uuid.uuid4().hex}",
-                            **kwargs)
+                            drop_axis=lead, new_axis=0, name=f"gradcam-{token}",
+                            meta=np.empty((0,) * len(out_chunks), np.float32), **kwargs)
     out_dims = [d for d in data.dims if d != cdim]
     coords = {k: v for k, v in data.coords.items() if cdim not in v.dims}
     attrs = {"method": method, "tile": f"{th}x{tw}",
