@@ -66,8 +66,9 @@ def test_shipped_job_on_a_reduced_grid(small_run):
 
     cube = open_cube(cat, "small")
     ds = xr.open_zarr(out)
-    assert set(ds.data_vars) == {"label", "predicted", "probability", "fold"}
-    assert dict(ds.sizes) == {"lat": 11, "lon": 22}   # 90 x 180 cells in 8-cell tiles
+    # the shipped job stores the Grad-CAM maps too (tests/test_classify_gradcam.py)
+    assert set(ds.data_vars) == {"label", "predicted", "probability", "fold", "cam"}
+    assert ds["predicted"].sizes == {"lat": 11, "lon": 22}   # 90 x 180 cells in 8-cell tiles
     # the label is the majority class of each tile, recomputed from the cube
     lc = cube["landcover"].values[:88, :176].reshape(11, 8, 22, 8).transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(ds["label"].values,

@@ -14,6 +14,14 @@ The output store is on the tile grid (tile-centre ``lat``/``lon``): ``label`` an
 ``predicted`` (class codes), ``probability`` (of the predicted class) and ``fold``; the
 predictions run blockwise through :func:`engine.predict` with the classifier spread over
 its tile (:class:`engine.ml.archs.TileBroadcast`, ``overlap=0``).
+
+With a ``gradcam`` section (issue 12, section 4) the store also holds ``cam``, the Grad-CAM
+or Grad-CAM++ map (:func:`engine.ml.gradcam.cube_gradcam`) of every tile on the cube's own
+cell grid (dims ``<y>_cell``, ``<x>_cell``), computed lazily block by block with the model of
+the fold whose test sector holds the tile, the model that made the tile's stored
+prediction (a map never comes from a model that trained on its tile), and written with the
+predictions through the same resumable write; ``report`` draws overlay plots of example
+test tiles.
 """
 
 from __future__ import annotations
@@ -50,9 +58,16 @@ from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained
 from engine.pipelines.spec import TrainSpec
 
 __all__ = ["ClassifySpec", "ClassLabelSpec", "ClassifyModelSpec", "ClassifyTrainSpec",
-           "ClassifyJob", "tile_majority", "JOB"]
+           "GradCAMSpec", "ClassifyJob", "tile_majority", "JOB"]
 
 _IGNORE = -100  # target of a tile whose majority is not a listed class (not scored)
+#: Where the default target layer of the maps is chosen: the ResNet-18's residual blocks,
+#: whose outputs are post-activation (the last Conv2d alone, before batch norm and ReLU,
+#: localises worse); the deepest that still resolves 4 x 4 positions of the tile is taken
+#: (:func:`engine.ml.gradcam.resolving_layer`: torchvision's ``layer4`` on 224-pixel
+#: images, ``layers.5`` on 16-cell tiles with the small stem, where ``layers.7`` is 2 x 2).
+CAM_STAGES = tuple(f"layers.{i}" for i in range(8))
+_MAX_PLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,24 @@ class ClassifyTrainSpec(TrainSpec):
 
 
 @dataclass(frozen=True)
+class GradCAMSpec:
+    """Class activation maps of every tile, by the model of its fold (issue 12, section 4)."""
+
+    method: Literal["gradcam", "gradcam++"] = "gradcam"
+    #: A module of the ResNet-18 by its name in ``named_modules()`` (``layers.0`` ..
+    #: ``layers.7``: its residual blocks, two per stage; ``layers.7.conv2``: the last
+    #: convolution; ``stem.0``); null: the deepest block whose output still has 4 x 4
+    #: positions on a tile (``layers.5`` for 16-cell tiles and the small stem).
+    layer: str | None = None
+    #: The class each map explains: ``predicted`` (the tile's predicted class), or one
+    #: code of ``label.classes`` for every tile.
+    target: Literal["predicted"] | int = "predicted"
+    #: Overlay plots of example test tiles in the run folder (the most confident tile of
+    #: each predicted class, most frequent class first); 0: none.
+    plots: int = 4
+
+
+@dataclass(frozen=True)
 class ClassifySpec(PatchJobSpec):
     """A tile classification job: one ResNet-18 per geographic fold. The sections it shares
     with ``segment`` are :class:`~engine.pipelines._segcommon.PatchJobSpec`'s."""
@@ -95,10 +128,19 @@ class ClassifySpec(PatchJobSpec):
     patches: PatchSpec = field(default_factory=lambda: PatchSpec(size=64, random_share=0.0))
     model: ClassifyModelSpec = field(default_factory=ClassifyModelSpec)
     train: ClassifyTrainSpec = field(default_factory=ClassifyTrainSpec)
+    #: Grad-CAM maps beside the predictions (null: none).
+    gradcam: GradCAMSpec | None = None
 
     def check(self) -> None:
         super().check()
         self.label.check(at_least=2)
+        g = self.gradcam
+        if g is not None:
+            if g.target != "predicted" and g.target not in self.label.classes:
+                raise SpecError(f"gradcam.target {g.target!r} is not one of label.classes: "
+                                "use predicted or a listed class code")
+            if not 0 <= g.plots <= _MAX_PLOTS:
+                raise SpecError(f"gradcam.plots must be in [0, {_MAX_PLOTS}], got {g.plots}")
         if not 4 <= self.model.width <= 256:
             raise SpecError(f"model.width must be in [4, 256], got {self.model.width}")
         if not self.model.fine_tune and not self.model.weights:
@@ -111,6 +153,8 @@ class ClassifyPrepared(Prepared):
     y: str
     x: str
     work: xr.Dataset
+    #: The target layer of the maps (a module of the ResNet-18), None without ``gradcam``.
+    cam_layer: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -169,7 +213,43 @@ class ClassifyJob(Job):
         p = ClassifyPrepared(**vars(base), y=y, x=x, work=work)
         if spec.model.weights:  # a bad weights file is one line before anything is written
             self._load_user_weights(self._model(spec, len(spec.features)), spec)
+        if spec.gradcam is not None:  # so is a layer the maps cannot be taken from
+            p.cam_layer = self._cam_layer(spec)
         return p
+
+    def _cam_layer(self, spec: ClassifySpec) -> str:
+        """The target layer of the maps, tried on one blank tile with an untrained model: a
+        layer that is not in the network, or whose output is no ``(B, C, h, w)`` map that
+        reaches the logits, is one line."""
+        import torch
+
+        from engine.ml.gradcam import gradcam, map_sizes, resolving_layer
+
+        assert spec.gradcam is not None
+        model = self._model(spec, len(spec.features))
+        t = spec.patches.size
+        blank = torch.zeros(1, len(spec.features), t, t)
+        layer = spec.gradcam.layer
+        if layer is None:
+            return resolving_layer(model.core, blank, CAM_STAGES, min_size=4)
+        names = [n for n, _ in model.core.named_modules() if n]
+        if layer not in names:
+            raise SpecError(f"gradcam.layer {layer!r} is not a module of the ResNet-18: use "
+                            f"null (the deepest block resolving the tile), a block "
+                            f"{CAM_STAGES[0]} .. {CAM_STAGES[-1]}, or a convolution such as "
+                            "layers.7.conv2 or stem.0")
+        fix = (f"name a block ({CAM_STAGES[0]} .. {CAM_STAGES[-1]}) or a convolution of the "
+               "ResNet-18, or null")
+        try:
+            gradcam(model, blank, layer=f"core.{layer}", method=spec.gradcam.method)
+        except (SpecError, RuntimeError) as err:
+            raise SpecError(f"gradcam.layer {layer!r} gives no class activation map "
+                            f"({str(err).splitlines()[0]}): {fix}") from None
+        side = map_sizes(model.core, blank, [layer])[layer]
+        if side < 2:
+            raise SpecError(f"gradcam.layer {layer!r} has a {side} x {side} output on a "
+                            f"{t}-cell tile, a map that localises nothing: {fix}")
+        return layer
 
     @staticmethod
     def _load_user_weights(model: Any, spec: ClassifySpec) -> None:
@@ -192,9 +272,10 @@ class ClassifyJob(Job):
 
     def describe(self, p: ClassifyPrepared) -> str:  # type: ignore[override]
         s = p.spec
+        cam = "" if s.gradcam is None else f"; {s.gradcam.method} maps of {p.cam_layer}"
         return (f"classify {s.patches.size}x{s.patches.size} tiles into {len(s.label.classes)} "
                 f"classes of {s.label.variable} from {', '.join(s.features)}; {s.split.k} "
-                f"longitude folds; cube {dict(p.ds.sizes)}")
+                f"longitude folds{cam}; cube {dict(p.ds.sizes)}")
 
     def _model(self, spec: ClassifySpec, n_in: int) -> Any:
         from engine.ml.archs import Normalized
@@ -287,6 +368,7 @@ class ClassifyJob(Job):
         t = spec.patches.size
         n = p.ds.sizes[p.x]
         n_tiles = n // t
+        rows = p.ds.sizes[p.y] // t * t
         classes = np.array(spec.label.classes)
         tile_fold = np.full(n_tiles, -1, np.int8)
         parts = []
@@ -298,7 +380,9 @@ class ClassifyJob(Job):
                 continue
             tile_fold[mine] = f.number
             j0, j1 = int(mine[0]), int(mine[-1]) + 1
-            sub = p.ds[spec.features].isel({p.x: slice(j0 * t, j1 * t)})
+            # whole tiles only: a window over the last, incomplete row of tiles would be
+            # blended into the row above, which would then not be its tiles' own prediction
+            sub = p.ds[spec.features].isel({p.y: slice(0, rows), p.x: slice(j0 * t, j1 * t)})
             probs = predict(sub, TileBroadcast(model), variables=spec.features,
                             tile={p.y: t, p.x: t}, overlap=0.0, blend="mean",
                             batch_size=spec.predict.batch_size, device=spec.device,
@@ -335,6 +419,8 @@ class ClassifyJob(Job):
                                   "flag_values": codes, "flag_meanings": meanings}
         out["probability"].attrs = {"long_name": "softmax probability of the predicted class",
                                     "units": "1", "valid_range": [0.0, 1.0]}
+        if spec.gradcam is not None:
+            out["cam"] = self._cam(p, folds, trained.model)
         out["fold"].attrs = {"long_name": "fold whose test sector holds the tile centre",
                              "flag_values": list(range(len(folds))),
                              "flag_meanings": " ".join(f"fold_{f.number}" for f in folds)}
@@ -348,7 +434,70 @@ class ClassifyJob(Job):
             "engine_architecture": f"{spec.model.architecture} width {spec.model.width} "
                                    f"stem {spec.model.stem}",
         })
+        if spec.gradcam is not None:
+            out.attrs["engine_gradcam"] = json.dumps({
+                "method": spec.gradcam.method,
+                "layer": p.cam_layer,
+                "target": spec.gradcam.target, "dims": list(out["cam"].dims)})
         return out
+
+    def _cam(self, p: ClassifyPrepared, folds: list[Fold], models: list[Any]) -> xr.DataArray:
+        """The lazy class activation map of every tile on the cube's cell grid: each fold's
+        model explains the tiles of its own test sector (those it predicted)."""
+        from engine.ml.gradcam import cube_gradcam
+
+        spec: ClassifySpec = p.spec
+        g = spec.gradcam
+        assert g is not None
+        t = spec.patches.size
+        n = p.ds.sizes[p.x]
+        n_tiles = n // t
+        layer = p.cam_layer
+        assert layer is not None
+        target = None if g.target == "predicted" else spec.label.classes.index(int(g.target))
+        centres = np.arange(n_tiles) * t + t // 2
+        parts = []
+        for f, model in zip(folds, models, strict=True):
+            mine = np.flatnonzero((centres >= f.lo) & (centres < f.hi))
+            if mine.size == 0:
+                continue
+            j0, j1 = int(mine[0]), int(mine[-1]) + 1
+            sector = p.ds[spec.features].isel({p.x: slice(j0 * t, j1 * t)})
+            bands = sector.to_array("__band").transpose("__band", p.y, p.x)
+            model.output = "logits"  # the map explains a logit, not a probability
+            cam = cube_gradcam(model, bands, {p.y: t, p.x: t}, channel_dim="__band",
+                               target=target, layer=f"core.{layer}", method=g.method,
+                               batch_size=spec.predict.batch_size)["cam"]
+            parts.append((j0, cam))
+        parts.sort(key=lambda jc: jc[0])
+        cam = xr.concat([c for _, c in parts], dim=p.x)
+        if cam.sizes[p.x] < n:  # cells right of the last whole tile: no map
+            cam = cam.pad({p.x: (0, n - cam.sizes[p.x])}, constant_values=np.nan)
+        # the store's chunks: the input's, rounded to whole tiles (chunks never split a tile)
+        src = p.ds[spec.features[0]]
+        sizes = dict(zip(src.dims, src.chunks or ((n,) for n in src.shape), strict=True))
+        chunks = {str(d): max(t, (max(c) // t) * t) for d, c in sizes.items()}
+        cam = cam.drop_vars([v for v in cam.coords if v not in cam.dims]).chunk(chunks)
+        cell = {p.y: f"{p.y}_cell", p.x: f"{p.x}_cell"}
+        cam = cam.rename(cell).astype(np.float32)
+        for d, name in cell.items():
+            if d in p.ds.coords:
+                cam = cam.assign_coords({name: (name, p.ds[d].values, {
+                    **p.ds[d].attrs, "comment": f"cell centres of the input grid (cam's {d})"})})
+        explained = ("predicted class (see predicted)" if target is None else
+                     f"class {g.target} ({_meanings(p.ds, spec.label.variable, [int(g.target)])})")
+        cam.attrs = {
+            "long_name": f"{'Grad-CAM++' if g.method == 'gradcam++' else 'Grad-CAM'} class "
+                         f"activation map of the {explained}",
+            "units": "1", "valid_range": [0.0, 1.0],
+            "method": g.method, "layer": layer, "explained_class": explained,
+            "tile": f"{t}x{t} cells",
+            "comment": "each tile explained by the model of the fold whose test sector holds "
+                       "its centre (the model of its prediction, see fold), divided by the "
+                       "tile's maximum; NaN right of and below the last whole tile and on "
+                       "tiles with a missing input",
+        }
+        return cam
 
     def evaluate(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
                  trained: Trained, written: xr.Dataset, ctx: RunContext) -> dict[str, Any]:
@@ -376,6 +525,11 @@ class ClassifyJob(Job):
                          "confusion": conf.tolist()})
         keys = ("accuracy", "macro_f1", "baseline_accuracy", "baseline_macro_f1")
         pooled = multiclass_scores(np.sum([r["confusion"] for r in rows], axis=0))
+        cam = {}
+        if spec.gradcam is not None and "cam" in written:
+            cam = {"gradcam": {"method": spec.gradcam.method, "layer": p.cam_layer,
+                               "target": spec.gradcam.target, "variable": "cam",
+                               "cells_mapped": int(np.isfinite(written["cam"]).sum())}}
         return {
             "job": spec.name, "kind": "classify",
             "classes": classes,
@@ -387,6 +541,7 @@ class ClassifyJob(Job):
             "model_hash": trained.model_hash,
             "training": [{k: v for k, v in r.items() if k != "history"}
                          for r in trained.info.get("folds", [])],
+            **cam,
         }
 
     def report(self, p: ClassifyPrepared, folds: list[Fold],  # type: ignore[override]
@@ -416,6 +571,12 @@ class ClassifyJob(Job):
         notes = [f"majority-class baseline: accuracy {fmt(s['baseline_accuracy']['mean'])}, "
                  f"macro-F1 {fmt(s['baseline_macro_f1']['mean'])} (the most frequent class of "
                  "each fold's training tiles)"]
+        if spec.gradcam is not None and "cam" in written:
+            g = spec.gradcam
+            plots = _plot_cams(p, written, metrics["class_names"], g.plots, ctx)
+            files.update(plots)
+            notes.append(f"{g.method} maps of layer {p.cam_layer} (each tile by its fold's "
+                         f"model) in the store as cam; {len(plots)} overlay plots")
         return Report(title=f"{spec.name}: {spec.patches.size}x{spec.patches.size} tiles, "
                             f"{len(spec.label.classes)} classes, {spec.split.k} geographic folds",
                       columns=["fold", "tiles", "accuracy", "macro-F1", "majority acc",
@@ -426,6 +587,58 @@ class ClassifyJob(Job):
 
 def _meanings(ds: xr.Dataset, variable: str, classes: list[int]) -> str:
     return " ".join(class_names(ds, variable, classes))
+
+
+def cam_examples(written: xr.Dataset, tile: int, n: int) -> list[tuple[int, int]]:
+    """``n`` example tiles ``(row, column)`` of the tile grid whose map is complete: the
+    most confident tile of each predicted class, the most frequent class first, then the
+    next most confident tiles (ties: the first in row-major order)."""
+    pred = written["predicted"].values.ravel()
+    prob = np.nan_to_num(written["probability"].values.ravel().astype(float), nan=-1.0)
+    ny, nx = written["predicted"].shape
+    cam = written["cam"].values[:ny * tile, :nx * tile].reshape(ny, tile, nx, tile)
+    complete = np.isfinite(cam).all(axis=(1, 3)).ravel()
+    order = np.lexsort((np.arange(prob.size), -prob))  # most confident first
+    order = order[complete[order]]
+    classes, counts = np.unique(pred[order], return_counts=True)
+    chosen = [int(order[pred[order] == c][0]) for c in classes[np.lexsort((classes, -counts))]]
+    chosen += [int(i) for i in order if int(i) not in chosen]
+    return [divmod(i, nx) for i in chosen[:n]]
+
+
+def _plot_cams(p: ClassifyPrepared, written: xr.Dataset, names: list[str], n: int,
+               ctx: RunContext) -> dict[str, str]:
+    """Overlay plots (:func:`engine.ml.gradcam.overlay_plot`) of ``n`` example tiles
+    (:func:`cam_examples`), each over its input (the first three features as RGB, else the
+    first): run-folder files by role."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from engine.ml.gradcam import overlay_plot
+
+    spec: ClassifySpec = p.spec
+    g = spec.gradcam
+    assert g is not None
+    t = spec.patches.size
+    name = dict(zip(spec.label.classes, names, strict=True))
+    explains = "predicted class" if g.target == "predicted" else name[int(g.target)]
+    bands = spec.features[:3] if len(spec.features) >= 3 else spec.features[:1]
+    cam = written["cam"]
+    files = {}
+    for k, (i, j) in enumerate(cam_examples(written, t, n)):
+        rows, cols = slice(i * t, (i + 1) * t), slice(j * t, (j + 1) * t)
+        tile = np.stack([p.ds[b].isel({p.y: rows, p.x: cols}).values for b in bands])
+        heat = cam.isel({cam.dims[0]: rows, cam.dims[1]: cols}).values
+        pred, lab = int(written["predicted"].values[i, j]), int(written["label"].values[i, j])
+        title = (f"fold {int(written['fold'].values[i, j])}, tile ({i}, {j}): predicted "
+                 f"{name.get(pred, pred)} ({float(written['probability'].values[i, j]):.2f})\n"
+                 f"label {name.get(lab, lab)}; {g.method} of the {explains}")
+        path = ctx.path(f"gradcam_tile{k}.png")
+        plt.close(overlay_plot(tile, heat, title=title, path=path))
+        files[f"gradcam_tile{k}"] = path
+    return files
 
 
 def _plot_confusion(conf: np.ndarray, classes: list[int], path: str, title: str) -> None:
