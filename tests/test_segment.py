@@ -70,8 +70,9 @@ def test_spec_checks_are_one_line():
         load_job(JOB, ["split.buffer=4"])
     with pytest.raises(SpecError, match="divisible"):
         load_job(JOB, ["patches.size=30"])
-    with pytest.raises(SpecError, match="label.classes"):
-        load_job(JOB, ["label.classes=[]"])
+    for bad in ("[]", "[15, 15]", "[255]"):
+        with pytest.raises(SpecError, match="label.classes"):
+            load_job(JOB, [f"label.classes={bad}"])
     spec = load_job(JOB, ["label.classes=[0]"])
     assert spec.label.classes == [0] and spec.kind == "segment"
     full = load_job(FULL)

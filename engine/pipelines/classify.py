@@ -475,8 +475,8 @@ class ClassifyJob(Job):
             cam = cam.pad({p.x: (0, n - cam.sizes[p.x])}, constant_values=np.nan)
         # the store's chunks: the input's, rounded to whole tiles (chunks never split a tile)
         src = p.ds[spec.features[0]]
-        sizes = dict(zip(src.dims, src.chunks or ((n,) for n in src.shape), strict=True))
-        chunks = {str(d): max(t, (max(c) // t) * t) for d, c in sizes.items()}
+        given = dict(zip(src.dims, src.chunks or tuple((m,) for m in src.shape), strict=True))
+        chunks = {str(d): max(t, (max(c) // t) * t) for d, c in given.items()}
         cam = cam.drop_vars([v for v in cam.coords if v not in cam.dims]).chunk(chunks)
         cell = {p.y: f"{p.y}_cell", p.x: f"{p.x}_cell"}
         cam = cam.rename(cell).astype(np.float32)
