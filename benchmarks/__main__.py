@@ -23,6 +23,7 @@ BENCHMARKS = {
     "scaling": "benchmarks.bench_scaling",
     "gpu": "benchmarks.bench_gpu",
     "archive": "benchmarks.bench_archive",
+    "convml": "benchmarks.compare_convml",
 }
 
 #: What each ratio compares (engine vs baseline); ratio > 1 means the engine is better.
