@@ -61,7 +61,7 @@ def test_tile_labels_are_the_majority_of_a_pixel_label_grid():
     lab[0, :, 1:] = 2  # the first 4 px tile of step 0: one column of 0, three of 2
     lab[1, 4:, 4:] = 5
     p = SimpleNamespace(labels=xr.DataArray(lab, dims=("time", "y", "x")))
-    g = {"t": np.array([0, 1, 1, 0]), "y0": np.array([0, 4, 0, 4]),
+    g = {"time_index": np.array([0, 1, 1, 0]), "y0": np.array([0, 4, 0, 4]),
          "x0": np.array([0, 4, 0, 0])}
     got = EmbedJob()._tile_labels(p, g, 4)  # type: ignore[arg-type]
     assert got.tolist() == [2, 5, 0, 2]
@@ -164,13 +164,15 @@ def test_reduced_job_end_to_end(tmp_path, run_cli):
     from engine.ml.cluster import kmeans
 
     emb = ds["embedding"].values
+    assert ds["valid"].values.all() and np.isfinite(emb).all()
     km = kmeans(emb[ds["fold"].values == 0], 4, seed=0)
     nearest = ((emb[:, None, :] - km.centers[None]) ** 2).sum(-1).argmin(1)
     np.testing.assert_array_equal(ds["cluster"].values, nearest)
-    # scores recomputed from the store equal metrics.json
+    # scores recomputed from the store equal metrics.json; the bootstrap resamples whole
+    # time steps
     test = ds["fold"].values == 1
     again = scores(ds["label"].values[test], ds["cluster"].values[test],
-                   ds["embedding"].values[test], n_boot=20, seed=0)
+                   ds["embedding"].values[test], n_boot=20, seed=0, groups=t[test])
     e = m["scores"]["embedding_kmeans"]
     for key in ("nmi", "ari", "silhouette", "nmi_ci"):
         assert again[key] == pytest.approx(e[key])

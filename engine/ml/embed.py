@@ -25,7 +25,8 @@ from engine.errors import SpecError
 from engine.ml.archs import ResNet18
 
 __all__ = ["EmbeddingHead", "TileEmbedder", "tile_embedder", "triplet_loss", "embed_tiles",
-           "triplet_distances", "triplet_accuracy", "save_weights"]
+           "triplet_distances", "triplet_accuracy", "save_weights", "AutoencoderEmbedder",
+           "autoencoder_embedder", "Reconstruction", "reconstruction_loss", "models_hash"]
 
 
 class EmbeddingHead(nn.Module):
@@ -171,3 +172,95 @@ def triplet_accuracy(model: nn.Module, batches: object, device: str | torch.devi
             right += int((dn < dd).sum())
             total += len(dn)
     return (right / total if total else float("nan")), total
+
+
+class AutoencoderEmbedder(nn.Module):
+    """Standardisation -> :class:`engine.ml.archs.ConvAutoencoder`; the bottleneck is the
+    embedding (document 004's alternative to Tile2Vec, section 11.2).
+
+    ``forward`` returns the embedding ``(batch, dim)`` of tiles ``(batch, C, tile, tile)``,
+    as :class:`TileEmbedder` does, so every embedding, clustering and scoring step takes
+    either model. :meth:`reconstruct` returns the standardised reconstruction, the
+    training target of :func:`reconstruction_loss`. The tile size is fixed by the
+    bottleneck's linear layers.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, in_channels: int, tile: int, dim: int = 100, width: int = 16,
+                 depth: int = 3) -> None:
+        super().__init__()
+        from engine.ml.archs import ConvAutoencoder
+
+        self.autoencoder = ConvAutoencoder(in_channels, tile, dim, width, depth)
+        self.dim, self.tile = dim, tile
+        self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
+
+    set_statistics = TileEmbedder.set_statistics
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(self.standardise(x))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardised reconstruction of tiles ``x``."""
+        return self.autoencoder(self.standardise(x))
+
+
+def autoencoder_embedder(in_channels: int, tile: int, dim: int = 100, width: int = 16,
+                         depth: int = 3) -> AutoencoderEmbedder:
+    """Factory of :class:`AutoencoderEmbedder`; ``tile`` must divide by ``2**depth``.
+
+    >>> m = autoencoder_embedder(2, 16, dim=8, width=4, depth=2).eval()
+    >>> x = torch.zeros(3, 2, 16, 16)
+    >>> tuple(m(x).shape), tuple(m.reconstruct(x).shape)
+    ((3, 8), (3, 2, 16, 16))
+    """
+    if not 1 <= dim <= 4096:
+        raise SpecError(f"model.dim must be in [1, 4096], got {dim}")
+    if not 1 <= width <= 256:
+        raise SpecError(f"model.width must be in [1, 256], got {width}")
+    if not 1 <= depth <= 8 or tile % (2 ** depth):
+        raise SpecError(f"model autoencoder: the tile ({tile} px) must divide by "
+                        f"2**depth = {2 ** depth} (depth in [1, 8]): change tiles.size or "
+                        "model.depth")
+    return AutoencoderEmbedder(in_channels, tile, dim, width, depth)
+
+
+class Reconstruction(nn.Module):
+    """Training view of an :class:`AutoencoderEmbedder`: ``forward`` stacks the
+    standardised reconstruction and the standardised input on axis 1, so
+    :func:`engine.ml.fit.fit` trains it with :func:`reconstruction_loss` and no loop of
+    its own. Triplet batches ``(B, 3, C, h, w)`` count as ``3 B`` tiles."""
+
+    def __init__(self, embedder: AutoencoderEmbedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5:
+            x = x.reshape(-1, *x.shape[2:])
+        return torch.stack([self.embedder.reconstruct(x), self.embedder.standardise(x)], 1)
+
+
+def reconstruction_loss(out: torch.Tensor, y: object = None, *rest: object) -> torch.Tensor:
+    """Mean squared error between the two halves of :class:`Reconstruction`'s output
+    (standardised units, so 1.0 is the error of predicting the mean).
+
+    >>> reconstruction_loss(torch.stack([torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)], 1))
+    tensor(1.)
+    """
+    out = out.float()
+    return torch.mean((out[:, 0] - out[:, 1].detach()) ** 2)
+
+
+def models_hash(models: list[nn.Module]) -> str:
+    """sha256 of several models' weights together (one model: its own
+    :func:`engine.ml.train.model_hash`)."""
+    from engine.ml.train import model_hash
+
+    return model_hash(models[0] if len(models) == 1 else nn.ModuleList(models))

@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 
 from engine.errors import CubeError, SpecError
+from engine.ml.embed_grid import STATISTICS, tile_statistics, window_grid
 from engine.ops.stats import check_variables
 from engine.ops.triplets import (
     TripletSampler,
@@ -51,7 +52,6 @@ __all__ = ["SyntheticInputSpec", "EmbedInputSpec", "TileSpec", "TripletSpec", "E
 CHECKPOINT = "best.pt"
 #: Validation triplets use indices from here on: no training epoch reaches them.
 _VAL_OFFSET = 1 << 40
-_STATS = ("mean", "std", "cloud_fraction")
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,21 @@ class EmbedSplitSpec:
 
 @dataclass(frozen=True)
 class EmbedModelSpec:
-    architecture: Literal["resnet18"] = "resnet18"
-    #: Channels of the first stage (64: the published ResNet-18).
+    """``resnet18``: document 004's Tile2Vec network trained on triplets. ``autoencoder``:
+    its alternative (section 11.2), a convolutional autoencoder trained to reconstruct
+    tiles, whose bottleneck is the embedding; scored the same way."""
+
+    architecture: Literal["resnet18", "autoencoder"] = "resnet18"
+    #: Channels of the first stage (64: the published ResNet-18; the autoencoder's first
+    #: convolution).
     width: int = 64
     stem: Literal["imagenet", "small"] = "imagenet"
-    #: Embedding size (document 004: 100) and the head's hidden layer.
+    #: Embedding size (document 004: 100) and the head's hidden layer (resnet18).
     dim: int = 100
     hidden: int = 256
     dropout: float = 0.25
+    #: Stride-2 stages of the autoencoder (the tile must divide by 2**depth).
+    depth: int = 3
     #: A state_dict of this embedder (e.g. another run's best.pt) to start from.
     weights: str | None = None
 
@@ -132,8 +139,16 @@ class EmbedGridSpec:
     #: Tiles per inference batch.
     batch_size: int = 256
     #: Other tile sizes (in ``tiles.unit``) embedded by the trained model for the
-    #: NMI-vs-scale table (the model pools globally, so any size goes through it).
+    #: NMI-vs-scale table.
     scales: list[float] = field(default_factory=list)
+    #: ``shared``: the model trained at ``tiles.size`` embeds every scale (the ResNet pools
+    #: globally, so any size goes through it). ``per_scale``: one model trained per scale
+    #: on the same triplet recipe, neighbour distances scaled with the tile (document
+    #: 004's scale experiment; the autoencoder's tile size is fixed, so it needs this).
+    scale_models: Literal["shared", "per_scale"] = "shared"
+    #: Rows of input per embedding task stay within this many MiB (one time step, a band
+    #: of tile rows).
+    band_mib: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +227,14 @@ class EmbedSpec(JobSpecBase):
                             f"{self.embed.batch_size}")
         if any(not s > 0 for s in self.embed.scales):
             raise SpecError(f"embed.scales must be sizes > 0, got {self.embed.scales}")
+        if not self.embed.band_mib > 0:
+            raise SpecError(f"embed.band_mib must be > 0, got {self.embed.band_mib}")
+        if m.architecture == "autoencoder":
+            if not 1 <= m.depth <= 8:
+                raise SpecError(f"model.depth must be in [1, 8], got {m.depth}")
+            if self.embed.scales and self.embed.scale_models == "shared":
+                raise SpecError("embed.scales with model autoencoder needs "
+                                "embed.scale_models: per_scale (its tile size is fixed)")
         c = self.cluster
         if c.k is not None and not 2 <= c.k <= 1000:
             raise SpecError(f"cluster.k must be in [2, 1000], got {c.k}")
@@ -250,28 +273,23 @@ class TimeSplit:
 
 @dataclass(kw_only=True)
 class EmbedTrained(Trained):
-    pass
+    #: Models trained per extra scale (``embed.scale_models: per_scale``), by tile px.
+    scale_models: dict[int, Any] = field(default_factory=dict)
 
 
-def window_grid(n: int, tile: int, stride: int) -> np.ndarray:
-    """Start indices of windows of ``tile`` with step ``stride`` that fit in ``n``.
+def build_model(spec: EmbedSpec, tile: int) -> Any:
+    """The untrained embedder of ``spec`` for tiles of ``tile`` px."""
+    from engine.ml.embed import autoencoder_embedder, tile_embedder
 
-    >>> window_grid(10, 4, 3).tolist()
-    [0, 3, 6]
-    """
-    if tile > n:
-        return np.zeros(0, np.int64)
-    return np.arange(0, n - tile + 1, stride, dtype=np.int64)
+    m = spec.model
+    if m.architecture == "autoencoder":
+        return autoencoder_embedder(len(spec.variables), tile, m.dim, m.width, m.depth)
+    return tile_embedder(len(spec.variables), m.dim, m.width, m.stem, m.hidden, m.dropout)
 
 
-def tile_statistics(tiles: np.ndarray, threshold: float) -> np.ndarray:
-    """Per tile ``(mean, std, cloud_fraction)`` of the first channel, ``(n, 3)`` float32.
-
-    >>> tile_statistics(np.array([[[[0.0, 1.0], [0.0, 1.0]]]]), 0.5).tolist()
-    [[0.5, 0.5, 0.5]]
-    """
-    c = tiles[:, 0].reshape(len(tiles), -1)
-    return np.stack([c.mean(1), c.std(1), (c > threshold).mean(1)], axis=1).astype(np.float32)
+def scale_checkpoint(tile: int) -> str:
+    """Checkpoint file of the model trained for tiles of ``tile`` px (``per_scale``)."""
+    return f"best-{tile}px.pt"
 
 
 def _open(spec: EmbedSpec) -> Prepared:
@@ -337,13 +355,15 @@ def prepare(spec: EmbedSpec) -> EmbedPrepared:
         raise CubeError("the cube has one time step: triplets and the test fold need two "
                         "or more")
     m = spec.model
+    if m.architecture == "autoencoder":  # every tile size must suit the bottleneck
+        for px in {tile, *(tile_pixels(v, spec.tiles.unit, spacing)
+                           for v in spec.embed.scales)}:
+            build_model(spec, px)
     if m.weights is not None:
         # a missing or mismatched weights file is one line before anything is written
         from engine.ml.archs import load_weights
-        from engine.ml.embed import tile_embedder
 
-        load_weights(tile_embedder(len(spec.variables), m.dim, m.width, m.stem, m.hidden,
-                                   m.dropout), spec.resolve(m.weights))
+        load_weights(build_model(spec, tile), spec.resolve(m.weights))
     return EmbedPrepared(spec=spec, ds=ds, dims=dims, data=data, labels=labels, dy_km=dy,
                          dx_km=dx, tile=tile, stride=stride, input_url=base.input_url,
                          input_storage_options=base.input_storage_options)
@@ -377,11 +397,13 @@ def _valid_folds(p: EmbedPrepared, s: TimeSplit) -> np.ndarray:
 
 
 class EmbedJob(Job):
-    """Tile2Vec embeddings (document 004) trained on triplets, clustered and scored."""
+    """Tile embeddings (document 004) trained on triplets or as an autoencoder, clustered
+    and scored."""
 
     name = "embed"
-    summary = ("Tile2Vec embeddings (document 004): a ResNet-18 trained on triplets in km, "
-               "whole-domain embeddings per tile, k-means clusters scored against labels")
+    summary = ("Tile2Vec embeddings (document 004): a ResNet-18 trained on triplets in km "
+               "(or a convolutional autoencoder), whole-domain embeddings per tile on the "
+               "cluster, k-means clusters scored against labels")
     title = "tile embeddings"
     spec = EmbedSpec
 
@@ -393,115 +415,167 @@ class EmbedJob(Job):
 
     def describe(self, p: EmbedPrepared) -> str:  # type: ignore[override]
         s = time_split(p)
-        return (f"{', '.join(p.spec.variables)}: tiles {p.tile} px ({p.tile * p.dx_km:g} km), "
-                f"stride {p.stride} px; train steps {len(s.train)}, test steps {s.test}; "
-                f"cube {dict(p.data.sizes)}")
+        return (f"{', '.join(p.spec.variables)}: {p.spec.model.architecture} embedder, "
+                f"tiles {p.tile} px ({p.tile * p.dx_km:g} km), stride {p.stride} px; train "
+                f"steps {len(s.train)}, test steps {s.test}; cube {dict(p.data.sizes)}")
 
-    def _sampler(self, p: EmbedPrepared, s: TimeSplit) -> TripletSampler:
+    def _sampler(self, p: EmbedPrepared, folds: np.ndarray, tile: int) -> TripletSampler:
+        """Triplets for tiles of ``tile`` px; distances in km scale with the tile."""
         t = p.spec.triplets
-        nb = t.neighbour_km
-        return triplet_sampler(_valid_folds(p, s), tile=p.tile,
+        k = tile / p.tile
+        nb = [v * k for v in t.neighbour_km]
+        return triplet_sampler(folds, tile=tile,
                                neighbour_km=float(nb[0]) if len(nb) == 1 else (nb[0], nb[1]),
-                               distant=t.distant, min_distance_km=t.min_distance_km,
+                               distant=t.distant,
+                               min_distance_km=None if t.min_distance_km is None
+                               else t.min_distance_km * k,
                                seed=p.spec.seed, dx_km=p.dx_km, dy_km=p.dy_km)
+
+    def _val(self, p: EmbedPrepared, sampler: TripletSampler) -> Any:
+        n = p.spec.triplets.n_validation
+        idx = np.arange(_VAL_OFFSET, _VAL_OFFSET + n)
+        return lambda: triplet_batches(p.data, sampler, idx, fold=0,
+                                       batch_size=p.spec.train.batch_size, augment=False)
+
+    def _fit_one(self, p: EmbedPrepared, sampler: TripletSampler, tile: int,
+                 stats: tuple[list[float], list[float]], ctx: RunContext,
+                 checkpoint: str) -> tuple[Any, dict[str, Any]]:
+        """Train a fresh embedder for tiles of ``tile`` px; save it as ``checkpoint``."""
+        from engine.ml.archs import load_weights
+        from engine.ml.embed import (
+            Reconstruction,
+            reconstruction_loss,
+            save_weights,
+            triplet_loss,
+        )
+        from engine.ml.fit import fit
+        from engine.ml.train import seed_everything
+
+        spec = p.spec
+        m, t, tr = spec.model, spec.train, spec.triplets
+        seed_everything(spec.seed)
+        model = build_model(spec, tile)
+        model.set_statistics(*stats)
+        if m.weights and tile == p.tile:
+            load_weights(model, spec.resolve(m.weights))
+        ctx.log(f"training the {m.architecture} embedder on {sampler.n_positions(0):,} "
+                f"positions of {tile} px tiles; "
+                f"{sum(q.numel() for q in model.parameters()):,} weights")
+
+        def batches(epoch: int) -> Any:
+            idx = np.arange(epoch * tr.n_train, (epoch + 1) * tr.n_train)
+            return triplet_batches(p.data, sampler, idx, fold=0, batch_size=t.batch_size,
+                                   augment=tr.augment, epoch=epoch)
+
+        auto = m.architecture == "autoencoder"
+        # the autoencoder reconstructs each of a triplet's three tiles (all training tiles)
+        net, loss = ((Reconstruction(model), reconstruction_loss) if auto else
+                     (model, triplet_loss(spec.loss.margin, spec.loss.distance)))
+        res = fit(net, batches, loss=loss, epochs=t.epochs, lr=t.learning_rate,
+                  weight_decay=t.weight_decay, val=self._val(p, sampler),
+                  patience=t.patience, device="auto", seed=spec.seed, on_epoch=ctx.on_epoch)
+        # fit trains ``net`` in place (best weights restored): ``model`` is inside it
+        save_weights(model, ctx.path(checkpoint))
+        placed = sampler.sample(np.arange(_VAL_OFFSET, _VAL_OFFSET + tr.n_validation), 0)
+        info = {"seconds": res.seconds, "samples_per_s": res.samples_per_s,
+                "triplets_seen": res.samples, "best_epoch": res.best_epoch,
+                "epochs_run": len(res.history), "stopped_early": res.stopped_early,
+                "objective": "reconstruction" if auto else "triplet",
+                "tile_px": tile, "tile_km": [tile * p.dy_km, tile * p.dx_km],
+                "neighbour_km_mean": float(placed.neighbour_km.mean()),
+                "neighbour_overlap_mean": float(placed.overlap.mean()),
+                "history": res.history}
+        return model, info
+
+    def _scale_tiles(self, p: EmbedPrepared) -> list[int]:
+        """Tile sizes (px) of the extra scales that get their own model."""
+        spec = p.spec
+        if spec.embed.scale_models != "per_scale":
+            return []
+        px = {tile_pixels(v, spec.tiles.unit, min(p.dy_km, p.dx_km))
+              for v in spec.embed.scales}
+        return sorted(px - {p.tile})
 
     def train(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
               ctx: RunContext) -> EmbedTrained:
-        from engine.ml.archs import load_weights
-        from engine.ml.embed import save_weights, tile_embedder, triplet_accuracy, triplet_loss
-        from engine.ml.fit import fit
-        from engine.ml.train import load_checkpoint, model_hash, seed_everything
+        from engine.ml.embed import models_hash, triplet_accuracy
+        from engine.ml.train import load_checkpoint
 
         spec = p.spec
-        m = spec.model
-        seed_everything(spec.seed)
-        model = tile_embedder(len(spec.variables), m.dim, m.width, m.stem, m.hidden, m.dropout)
-        sampler = self._sampler(p, s)
-        t, tr = spec.train, spec.triplets
-        val_idx = np.arange(_VAL_OFFSET, _VAL_OFFSET + tr.n_validation)
-
-        def val() -> Any:
-            return triplet_batches(p.data, sampler, val_idx, fold=0, batch_size=t.batch_size,
-                                   augment=False)
-
+        folds = _valid_folds(p, s)
+        sampler = self._sampler(p, folds, p.tile)
+        scale_tiles = self._scale_tiles(p)
+        names = [CHECKPOINT, *(scale_checkpoint(px) for px in scale_tiles)]
+        scale_models: dict[int, Any] = {}
         if ctx.previous is not None:
-            ctx.log(f"resuming: reusing the trained embedder in {ctx.path(CHECKPOINT)}")
+            ctx.log(f"resuming: reusing the trained embedder(s) in {', '.join(names)}")
+            model = build_model(spec, p.tile)
             load_checkpoint(model, ctx.path(CHECKPOINT))
+            for px in scale_tiles:
+                scale_models[px] = build_model(spec, px)
+                load_checkpoint(scale_models[px], ctx.path(scale_checkpoint(px)))
             info, fresh = ctx.previous, False
         else:
             train_data = p.data.isel(time=s.train)
             mean, std = dask.compute(train_data.mean(["time", "y", "x"]),
                                      train_data.std(["time", "y", "x"]))
-            model.set_statistics([float(v) for v in mean], [float(v) for v in std])
-            if m.weights:
-                load_weights(model, spec.resolve(m.weights))
-            ctx.log(f"training on {sampler.n_positions(0):,} tile positions of steps "
-                    f"{s.train}; {sum(q.numel() for q in model.parameters()):,} weights")
-
-            def batches(epoch: int) -> Any:
-                idx = np.arange(epoch * tr.n_train, (epoch + 1) * tr.n_train)
-                return triplet_batches(p.data, sampler, idx, fold=0,
-                                       batch_size=t.batch_size, augment=tr.augment,
-                                       epoch=epoch)
-
-            res = fit(model, batches, loss=triplet_loss(spec.loss.margin, spec.loss.distance),
-                      epochs=t.epochs, lr=t.learning_rate, weight_decay=t.weight_decay,
-                      val=val, patience=t.patience, device="auto", seed=spec.seed,
-                      on_epoch=ctx.on_epoch)
-            save_weights(res.model, ctx.path(CHECKPOINT))
-            model = res.model  # type: ignore[assignment]
-            placed = sampler.sample(val_idx, 0)
-            info = {"seconds": res.seconds, "samples_per_s": res.samples_per_s,
-                    "triplets_seen": res.samples, "best_epoch": res.best_epoch,
-                    "epochs_run": len(res.history), "stopped_early": res.stopped_early,
-                    "tile_px": p.tile, "tile_km": [p.tile * p.dy_km, p.tile * p.dx_km],
-                    "neighbour_km_mean": float(placed.neighbour_km.mean()),
-                    "neighbour_overlap_mean": float(placed.overlap.mean()),
-                    "history": res.history}
+            stats = ([float(v) for v in mean], [float(v) for v in std])
+            model, info = self._fit_one(p, sampler, p.tile, stats, ctx, CHECKPOINT)
+            per_scale = []
+            for px in scale_tiles:
+                scale_models[px], sub = self._fit_one(p, self._sampler(p, folds, px), px,
+                                                      stats, ctx, scale_checkpoint(px))
+                per_scale.append({k: v for k, v in sub.items() if k != "history"})
+            if per_scale:
+                info["scale_models"] = per_scale
             fresh = True
-        acc, n = triplet_accuracy(model, val(), "auto", spec.loss.distance)
+        acc, n = triplet_accuracy(model, self._val(p, sampler)(), "auto", spec.loss.distance)
         info = {**info, "validation_triplet_accuracy": acc, "validation_triplets": n}
-        model.to("cpu").eval()
-        return EmbedTrained(model=model, info=info, model_hash=model_hash(model),
-                            checkpoints=[CHECKPOINT], fresh=fresh)
+        for m in (model, *scale_models.values()):
+            m.to("cpu").eval()
+        digest = models_hash([model, *(scale_models[px] for px in scale_tiles)])
+        return EmbedTrained(model=model, info=info, model_hash=digest, checkpoints=names,
+                            fresh=fresh, scale_models=scale_models)
 
     def _embed_grid(self, p: EmbedPrepared, model: Any, tile: int,
-                    stride: int) -> dict[str, np.ndarray]:
-        """Every window of the grid at every time step: positions, embeddings, statistics."""
-        from engine.ml.embed import embed_tiles
+                    stride: int) -> xr.Dataset:
+        """Every window of the grid at every time step, embedded on the cluster and kept
+        there (persisted): ``embedding``, ``tile_statistics``, ``valid`` on ``tile``."""
+        from engine.ml.embed_grid import embed_grid
 
         spec = p.spec
-        ny, nx = p.data.sizes["y"], p.data.sizes["x"]
-        ys, xs = window_grid(ny, tile, stride), window_grid(nx, tile, stride)
-        rows: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "y0", "x0", "emb", "stats")}
-        for t in range(p.data.sizes["time"]):
-            (step,) = dask.compute(p.data.isel(time=t).data)  # one step read once
-            win = np.lib.stride_tricks.sliding_window_view(np.asarray(step), (tile, tile),
-                                                           axis=(1, 2))
-            tiles = win[:, ys][:, :, xs].transpose(1, 2, 0, 3, 4)
-            tiles = np.ascontiguousarray(tiles.reshape(-1, *tiles.shape[2:]))
-            ok = np.isfinite(tiles).all(axis=(1, 2, 3))
-            yy, xx = np.meshgrid(ys, xs, indexing="ij")
-            rows["t"].append(np.full(int(ok.sum()), t))
-            rows["y0"].append(yy.ravel()[ok])
-            rows["x0"].append(xx.ravel()[ok])
-            rows["emb"].append(embed_tiles(model, tiles[ok], spec.embed.batch_size, "auto"))
-            rows["stats"].append(tile_statistics(tiles[ok], spec.cluster.cloud_threshold))
-        return {k: np.concatenate(v) for k, v in rows.items()}
+        g = embed_grid(p.data, model, tile=tile, stride=stride,
+                       batch_size=spec.embed.batch_size, device="auto",
+                       threshold=spec.cluster.cloud_threshold,
+                       band_bytes=int(spec.embed.band_mib * 2**20))
+        return g.persist()
 
-    def _tile_labels(self, p: EmbedPrepared, g: dict[str, np.ndarray],
-                     tile: int) -> np.ndarray | None:
+    def _tile_labels(self, p: EmbedPrepared, g: Any, tile: int) -> np.ndarray | None:
+        """The label of each tile of ``g`` (``time_index``/``y0``/``x0``): the step's
+        label, or the majority of a pixel label grid over the tile (ties to the lower
+        code; -1 where the tile has no label)."""
         if p.labels is None:
             return None
-        (lab,) = dask.compute(p.labels)
-        lab = np.asarray(lab.values)
-        if lab.ndim == 1:
-            return lab[g["t"]].astype(np.int32)
-        out = np.empty(len(g["t"]), np.int32)
-        for j, (t, y0, x0) in enumerate(zip(g["t"], g["y0"], g["x0"], strict=True)):
-            vals = lab[t, y0:y0 + tile, x0:x0 + tile].ravel()
-            vals = vals[np.isfinite(vals)] if vals.dtype.kind == "f" else vals
-            out[j] = np.bincount(vals.astype(np.int64)).argmax() if vals.size else -1
+        t, y0, x0 = (np.asarray(g[k]) for k in ("time_index", "y0", "x0"))
+        if p.labels.ndim == 1:
+            (lab,) = dask.compute(p.labels.data)
+            return np.asarray(lab)[t].astype(np.int32)
+        out = np.full(len(t), -1, np.int32)
+        for step in np.unique(t):
+            rows = np.flatnonzero(t == step)
+            (grid,) = dask.compute(p.labels.isel(time=int(step)).data)
+            grid = np.asarray(grid)
+            ok = np.isfinite(grid) if grid.dtype.kind == "f" else np.ones(grid.shape, bool)
+            codes = np.where(ok, grid, 0).astype(np.int64)
+            win = np.lib.stride_tricks.sliding_window_view(codes, (tile, tile))
+            okw = np.lib.stride_tricks.sliding_window_view(ok, (tile, tile))
+            w = win[y0[rows], x0[rows]].reshape(len(rows), -1)
+            v = okw[y0[rows], x0[rows]].reshape(len(rows), -1)
+            classes = np.unique(codes[ok])
+            if classes.size == 0:
+                continue
+            counts = np.stack([((w == c) & v).sum(1) for c in classes], 1)
+            out[rows] = np.where(counts.max(1) > 0, classes[counts.argmax(1)], -1)
         return out
 
     def _k(self, p: EmbedPrepared, labels: np.ndarray | None) -> int:
@@ -509,44 +583,68 @@ class EmbedJob(Job):
             return p.spec.cluster.k
         return int(len(np.unique(labels[labels >= 0]))) if labels is not None else 4
 
-    def predict(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
-                trained: EmbedTrained, ctx: RunContext) -> xr.Dataset:
+    def _clusters(self, g: xr.Dataset, fit_rows: np.ndarray, k: int, seed: int,
+                  max_fit: int = 100_000) -> Any:
+        """k-means fitted on ``fit_rows`` of ``g``'s embeddings (a seeded subsample of
+        ``max_fit`` rows where there are more: mini-batch k-means needs no more), and the
+        nearest centre of every valid tile (-1 elsewhere), lazily over the persisted
+        embeddings."""
         from engine.ml.cluster import kmeans
 
+        emb = g["embedding"].data
+        if fit_rows.size > max_fit:
+            rng = np.random.default_rng([seed, 7])
+            fit_rows = np.sort(rng.choice(fit_rows, max_fit, replace=False))
+        km = kmeans(np.asarray(emb[fit_rows].compute()), k, seed=seed)
+        centers = km.centers.astype(np.float32)
+        return emb.map_blocks(_nearest, centers, drop_axis=1, dtype=np.int32)
+
+    def predict(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
+                trained: EmbedTrained, ctx: RunContext) -> xr.Dataset:
         spec = p.spec
         g = self._embed_grid(p, trained.model, p.tile, p.stride)
+        valid = np.asarray(g["valid"].values)
+        t = np.asarray(g["time_index"].values)
+        y0, x0 = np.asarray(g["y0"].values), np.asarray(g["x0"].values)
         labels = self._tile_labels(p, g, p.tile)
-        fold = s.folds(p.data.sizes["time"])[g["t"]]
+        fold = s.folds(p.data.sizes["time"])[t]
         k = self._k(p, labels)
-        fit_rows = np.flatnonzero(fold == 0)
-        km = kmeans(g["emb"][fit_rows], k, seed=spec.seed)
-        cluster = _nearest(g["emb"], km.centers)
+        fit_rows = np.flatnonzero(valid & (fold == 0))
+        if fit_rows.size < k:
+            raise CubeError(f"{fit_rows.size} complete tiles in the training steps, fewer "
+                            f"than cluster.k={k}: use smaller tiles or fewer clusters")
+        cluster = self._clusters(g, fit_rows, k, spec.seed)
         yv, xv = p.data["y"].values, p.data["x"].values
-        yc = 0.5 * (yv[g["y0"]] + yv[g["y0"] + p.tile - 1])  # centre of the first and last
-        xc = 0.5 * (xv[g["x0"]] + xv[g["x0"] + p.tile - 1])  # pixel centres of the tile
+        yc = 0.5 * (yv[y0] + yv[y0 + p.tile - 1])  # centre of the first and last
+        xc = 0.5 * (xv[x0] + xv[x0 + p.tile - 1])  # pixel centres of the tile
         size_km = [p.tile * p.dy_km, p.tile * p.dx_km]
         ycoord, xcoord = p.data["y"].attrs, p.data["x"].attrs
+        kind = ("tile2vec-resnet18" if spec.model.architecture == "resnet18"
+                else "autoencoder")
         out = xr.Dataset(
-            {"embedding": (("tile", "dim"), g["emb"],
-                           {"long_name": "tile embedding (Tile2Vec triplet model)",
-                            "units": "1"}),
-             "cluster": ("tile", cluster.astype(np.int32),
+            {"embedding": (("tile", "dim"), g["embedding"].data,
+                           {"long_name": f"tile embedding ({kind}); NaN where the tile "
+                                         "misses a value", "units": "1"}),
+             "cluster": ("tile", cluster,
                          {"long_name": f"k-means cluster of the embedding (k={k}, fitted on "
-                                       "the training steps' tiles)"}),
+                                       "the training steps' tiles); -1: no embedding"}),
+             "valid": ("tile", valid.astype(np.int8),
+                       {"long_name": "the tile has every value of every variable",
+                        "flag_values": [0, 1], "flag_meanings": "incomplete complete"}),
              "fold": ("tile", fold.astype(np.int8),
                       {"long_name": "fold of the tile's time step", "flag_values": [0, 1],
                        "flag_meanings": "train test"}),
-             "tile_statistics": (("tile", "statistic"), g["stats"],
+             "tile_statistics": (("tile", "statistic"), g["tile_statistics"].data,
                                  {"long_name": "mean, standard deviation and cloud fraction "
                                                "of the tile's first variable",
-                                  "statistics": " ".join(_STATS)})},
-            coords={"time": ("tile", p.data["time"].values[g["t"]]),
+                                  "statistics": " ".join(STATISTICS)})},
+            coords={"time": ("tile", p.data["time"].values[t]),
                     "y": ("tile", yc, {**ycoord, "long_name": "tile centre y"}),
                     "x": ("tile", xc, {**xcoord, "long_name": "tile centre x"}),
-                    "time_index": ("tile", g["t"].astype(np.int32)),
-                    "y0": ("tile", g["y0"].astype(np.int32),
+                    "time_index": ("tile", t.astype(np.int32)),
+                    "y0": ("tile", y0.astype(np.int32),
                            {"long_name": "first row of the tile (pixel index)"}),
-                    "x0": ("tile", g["x0"].astype(np.int32),
+                    "x0": ("tile", x0.astype(np.int32),
                            {"long_name": "first column of the tile (pixel index)"}),
                     "tile_height": ("tile", np.full(len(yc), size_km[0], np.float32),
                                     {"units": "km", "long_name": "tile size along y",
@@ -557,60 +655,71 @@ class EmbedJob(Job):
         if labels is not None:
             out["label"] = xr.DataArray(labels, dims="tile",
                                         attrs={"long_name": f"{spec.labels} of the tile "
-                                                            "(majority over its pixels)"})
+                                                            "(majority over its pixels); -1: "
+                                                            "none"})
         out = out.chunk({"tile": 8192})
         out.attrs.update({"engine_split": json.dumps(s.attrs()),
                           "engine_tile_px": p.tile, "engine_stride_px": p.stride,
                           "engine_variables": json.dumps(list(spec.variables)),
-                          "engine_model_kind": f"tile2vec-{spec.model.architecture}"})
+                          "engine_model_kind": kind})
         return out
+
+    def _score(self, lab: np.ndarray, pred: np.ndarray, emb: np.ndarray, test: np.ndarray,
+               groups: np.ndarray, spec: EmbedSpec) -> dict[str, Any]:
+        """Scores on the ``test`` rows; the bootstrap resamples whole time steps (tiles of
+        one step are correlated)."""
+        from engine.ml.cluster import scores
+
+        return scores(lab[test], pred[test], emb[test], n_boot=spec.cluster.n_boot,
+                      seed=spec.seed, groups=groups[test])
 
     def evaluate(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
                  trained: EmbedTrained, written: xr.Dataset,
                  ctx: RunContext) -> dict[str, Any]:
-        from engine.ml.cluster import kmeans, scores
+        from engine.ml.cluster import kmeans
 
         spec = p.spec
-        c = spec.cluster
-        w = written.compute()
-        fold = w["fold"].values
-        emb = w["embedding"].values
+        kind = written.attrs.get("engine_model_kind", spec.model.architecture)
         out: dict[str, Any] = {
-            "job": spec.name, "model_kind": f"tile2vec-{spec.model.architecture}",
+            "job": spec.name, "model_kind": kind,
             "model_hash": trained.model_hash, "split": s.attrs(),
-            "tiles": int(w.sizes["tile"]), "tile_px": p.tile, "stride_px": p.stride,
+            "tiles": int(written.sizes["tile"]), "tile_px": p.tile, "stride_px": p.stride,
             "tile_km": [p.tile * p.dy_km, p.tile * p.dx_km],
             "training": {k: v for k, v in trained.info.items() if k != "history"},
         }
-        if "label" not in w:
+        if "label" not in written:
             out["scores"] = None
             return out
-        lab = w["label"].values
-        test = (fold == 1) & (lab >= 0)
+        w = written[["fold", "label", "valid", "cluster", "tile_statistics",
+                     "time_index"]].compute()
+        fold, lab, t = w["fold"].values, w["label"].values, w["time_index"].values
+        valid = w["valid"].values.astype(bool)
+        out["incomplete_tiles"] = int((~valid).sum())
+        test = (fold == 1) & (lab >= 0) & valid
+        rows = np.flatnonzero(test)
+        emb = np.zeros((len(fold), written.sizes["dim"]), np.float32)
+        emb[rows] = written["embedding"].data[rows].compute()
         k = self._k(p, lab)
         out["k"] = k
-        out["scores"] = {
-            "embedding_kmeans": scores(lab[test], w["cluster"].values[test], emb[test],
-                                       n_boot=c.n_boot, seed=spec.seed),
-        }
+        out["scores"] = {"embedding_kmeans": self._score(lab, w["cluster"].values, emb,
+                                                         test, t, spec)}
         # baseline: the same k-means on standardised tile statistics (no network)
         st = w["tile_statistics"].values
-        z = (st - st[fold == 0].mean(0)) / np.where(st[fold == 0].std(0) > 0,
-                                                    st[fold == 0].std(0), 1.0)
-        km = kmeans(z[fold == 0], k, seed=spec.seed)
-        base = _nearest(z, km.centers)
-        out["scores"]["tile_statistics_kmeans"] = scores(lab[test], base[test], z[test],
-                                                         n_boot=c.n_boot, seed=spec.seed)
+        fit = valid & (fold == 0)
+        sd = st[fit].std(0)
+        z = np.where(valid[:, None], (st - st[fit].mean(0)) / np.where(sd > 0, sd, 1.0), 0)
+        km = kmeans(z[fit], k, seed=spec.seed)
+        out["scores"]["tile_statistics_kmeans"] = self._score(lab, _nearest(z, km.centers),
+                                                              z, test, t, spec)
         # baseline: the same network untrained (its seed's initial weights, the trained
-        # model's standardisation): what the triplet training adds
-        untrained = self._untrained(p, trained.model)
-        g = self._embed_grid(p, untrained, p.tile, p.stride)
-        km = kmeans(g["emb"][fold == 0], k, seed=spec.seed)
-        pred = _nearest(g["emb"], km.centers)
-        out["scores"]["untrained_network_kmeans"] = scores(lab[test], pred[test],
-                                                           g["emb"][test], n_boot=c.n_boot,
-                                                           seed=spec.seed)
-        out["score_rows"] = "tiles of the test time steps"
+        # model's standardisation): what the training adds
+        g = self._embed_grid(p, self._untrained(p, trained.model, p.tile), p.tile, p.stride)
+        pred = self._clusters(g, np.flatnonzero(fit), k, spec.seed).compute()
+        ge = np.zeros_like(emb)
+        ge[rows] = g["embedding"].data[rows].compute()
+        out["scores"]["untrained_network_kmeans"] = self._score(lab, pred, ge, test, t, spec)
+        out["score_rows"] = ("complete tiles of the test time steps; intervals resample "
+                             "whole time steps")
         out["baseline_definition"] = {
             "tile_statistics_kmeans": "k-means (same k, fitted on the training steps) on the "
                                       "standardised mean, standard deviation and cloud "
@@ -622,38 +731,43 @@ class EmbedJob(Job):
             out["nmi_vs_scale"] = self._scales(p, s, trained, k)
         return out
 
-    def _untrained(self, p: EmbedPrepared, model: Any) -> Any:
-        from engine.ml.embed import tile_embedder
+    def _untrained(self, p: EmbedPrepared, model: Any, tile: int) -> Any:
         from engine.ml.train import seed_everything
 
-        m = p.spec.model
         seed_everything(p.spec.seed)
-        net = tile_embedder(len(p.spec.variables), m.dim, m.width, m.stem, m.hidden,
-                            m.dropout)
+        net = build_model(p.spec, tile)
         net.set_statistics(model.mean.ravel().tolist(), model.std.ravel().tolist())
         return net.eval()
 
     def _scales(self, p: EmbedPrepared, s: TimeSplit, trained: EmbedTrained,
                 k: int) -> list[dict[str, Any]]:
-        from engine.ml.cluster import kmeans, scores
-
         spec = p.spec
         rows = []
         sizes = sorted({float(spec.tiles.size), *map(float, spec.embed.scales)})
         for size in sizes:
             tile = tile_pixels(size, spec.tiles.unit, min(p.dy_km, p.dx_km))
-            g = self._embed_grid(p, trained.model, tile, max(1, tile // 2))
+            model = trained.scale_models.get(tile, trained.model)
+            g = self._embed_grid(p, model, tile, max(1, tile // 2))
             lab = self._tile_labels(p, g, tile)
             assert lab is not None
-            fold = s.folds(p.data.sizes["time"])[g["t"]]
-            km = kmeans(g["emb"][fold == 0], k, seed=spec.seed)
-            pred = _nearest(g["emb"], km.centers)
-            test = (fold == 1) & (lab >= 0)
-            sc = scores(lab[test], pred[test], g["emb"][test], n_boot=spec.cluster.n_boot,
-                        seed=spec.seed)
-            rows.append({"size": size, "unit": spec.tiles.unit, "tile_px": tile,
-                         "tile_km": tile * min(p.dy_km, p.dx_km), "tiles": int(test.sum()),
-                         "trained_size": size == float(spec.tiles.size),
+            t = np.asarray(g["time_index"].values)
+            valid = np.asarray(g["valid"].values)
+            fold = s.folds(p.data.sizes["time"])[t]
+            fit = np.flatnonzero(valid & (fold == 0))
+            test = (fold == 1) & (lab >= 0) & valid
+            row = {"size": size, "unit": spec.tiles.unit, "tile_px": tile,
+                   "tile_km": tile * min(p.dy_km, p.dx_km), "tiles": int(test.sum()),
+                   "model": ("trained at this size" if tile == p.tile or
+                             tile in trained.scale_models else
+                             f"trained at {p.tile} px")}
+            if fit.size < k or test.sum() < 2:
+                rows.append({**row, "nmi": None, "reason": "too few complete tiles"})
+                continue
+            pred = self._clusters(g, fit, k, spec.seed).compute()
+            emb = np.zeros((len(t), g.sizes["dim"]), np.float32)
+            emb[np.flatnonzero(test)] = g["embedding"].data[np.flatnonzero(test)].compute()
+            sc = self._score(lab, pred, emb, test, t, spec)
+            rows.append({**row, "trained_size": tile == p.tile,
                          **{key: sc[key] for key in ("nmi", "nmi_ci", "ari", "ari_ci",
                                                      "silhouette", "silhouette_ci")}})
         return rows
@@ -673,26 +787,31 @@ class EmbedJob(Job):
         for name, v in (metrics.get("scores") or {}).items():
             rows.append([name, ci(v, "nmi"), ci(v, "ari"), ci(v, "silhouette")])
         notes = [f"{metrics['tiles']:,} tiles of {p.tile} px "
-                 f"({p.tile * p.dx_km:g} km); validation triplet accuracy "
+                 f"({p.tile * p.dx_km:g} km), {p.spec.model.architecture} embedder; "
+                 f"validation triplet accuracy "
                  f"{trained.info['validation_triplet_accuracy']:.3f}"]
         for r in metrics.get("nmi_vs_scale", []):
-            notes.append(f"scale {r['size']:g} {r['unit']} ({r['tile_px']} px): NMI "
-                         f"{ci(r, 'nmi')}, {r['tiles']} test tiles")
+            notes.append(f"scale {r['size']:g} {r['unit']} ({r['tile_px']} px, model "
+                         f"{r['model']}): NMI {ci(r, 'nmi')}, {r['tiles']} test tiles")
         summary: dict[str, Any] = {}
         if metrics.get("scores"):
             e = metrics["scores"]["embedding_kmeans"]
             summary = {"nmi": e["nmi"], "ari": e["ari"], "silhouette": e["silhouette"]}
+        files = {"checkpoint": ctx.path(CHECKPOINT)}
+        files.update({f"checkpoint_{px}px": ctx.path(scale_checkpoint(px))
+                      for px in self._scale_tiles(p)})
         return Report(title=f"{p.spec.name}: clusters vs labels on test steps {s.test}",
                       columns=["clusters", "NMI [95% CI]", "ARI [95% CI]",
                                "silhouette [95% CI]"],
-                      rows=rows, notes=notes, files={"checkpoint": ctx.path(CHECKPOINT)},
-                      summary=summary)
+                      rows=rows, notes=notes, files=files, summary=summary)
 
 
 def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre of each row."""
+    """Index of the nearest centre of each row; -1 for a row with a NaN."""
     d = ((x[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
-    return d.argmin(1).astype(np.int32)
+    out = d.argmin(1).astype(np.int32)
+    out[~np.isfinite(x).all(1)] = -1
+    return out
 
 
 JOB = EmbedJob().as_kind()
