@@ -204,6 +204,9 @@ class AutoencoderEmbedder(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5:  # (B, 3, C, h, w) triplets -> (B, 3, dim)
+            b, k = x.shape[:2]
+            return self.forward(x.reshape(b * k, *x.shape[2:])).reshape(b, k, -1)
         return self.autoencoder.encode(self.standardise(x))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
