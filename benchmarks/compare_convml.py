@@ -36,7 +36,7 @@ Methods
     ``MovingWindowImageTilingDataset(step=16, N_tile=32)`` and
     ``convml_tt.utils.get_embeddings``. Wall time covers writing the PNGs, training,
     embedding, clustering and scoring.
-``convml-tt, no colour jitter`` (reference, not in the ratios; ``large`` only)
+``convml-tt, no colour jitter`` (reference, not in the ratios; ``small`` and ``large``)
     The same with convml-tt's own ``get_train_augmentation_transforms(p_lighting=0.0)``:
     its training transform normalises for ImageNet first and applies kornia's
     ``ColorJitter`` (p = 0.75) after, which clamps the normalised tile to [0, 1], so three
@@ -56,8 +56,9 @@ does more in its wall: Zarr write, two baselines and two more tile sizes);
 ``train_triplets_per_s_vs_convml``; ``nmi_engine_over_convml``. The NMI, ARI and
 silhouette differences (engine - convml-tt) are under ``differences``. Single runs.
 Sizes: ``tiny`` = 64 + 32 triplets, 1 epoch, no extra scales, 20 bootstrap resamples;
-``small`` = the job's triplets, model and scores with 3 epochs and no extra scales (about
-40 minutes on 2 shared cores: convml-tt's ResNet-18 has 16 times the job's weights);
+``small`` = the job's triplets, model and scores with 3 epochs and no extra scales, and
+the no-colour-jitter reference (about 35 minutes on 2 shared cores: convml-tt's ResNet-18
+has 16 times the job's weights);
 ``default`` = the job as shipped (it has one size); ``large`` = the same plus the
 no-colour-jitter reference (a second convml-tt training).
 
@@ -113,7 +114,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"n_train": 64, "n_validation": 32, "epochs": 1, "scales": [], "n_boot": 20,
              "reference": False},
     "small": {"n_train": None, "n_validation": None, "epochs": 3, "scales": [],
-              "n_boot": None, "reference": False},
+              "n_boot": None, "reference": True},
     "default": {"n_train": None, "n_validation": None, "epochs": None, "scales": None,
                 "n_boot": None, "reference": False},
     "large": {"n_train": None, "n_validation": None, "epochs": None, "scales": None,
