@@ -105,6 +105,8 @@ def _job(tmp_path, **changes) -> str:
     data["embed"]["scales"] = [48]
     data["cluster"]["n_boot"] = 20
     data["model"]["width"] = 8
+    data["split"] = {"test_fraction": 0.25}
+    data["embed"]["scale_models"] = "shared"
     for k, v in changes.items():
         data[k] = v
     data["output"]["url"] = str(tmp_path / "out" / "emb.zarr")
@@ -297,3 +299,28 @@ def test_bad_autoencoder_settings_are_one_line(tmp_path, run_cli, changes, words
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and words in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_image_is_embedded_and_clustered_without_scores(tmp_path, run_cli):
+    """A single time step: distant tiles by distance, nothing held out, no scores; the
+    maps figure is drawn; without test_steps: [] it is one line."""
+    changes = {"triplets": {"n_train": 64, "n_validation": 32, "neighbour_km": [24, 40],
+                            "distant": "min_distance", "min_distance_km": 60},
+               "split": {"test_steps": []}, "embed": {"batch_size": 64, "scales": []}}
+    job = _job(tmp_path, **changes)
+    data = yaml.safe_load(open(job))
+    data["input"]["synthetic"].update(n_time=1, size=128)
+    open(job, "w").write(yaml.safe_dump(data))
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--quiet"])
+    assert code == 0, err
+    m = json.load(open(tmp_path / "out" / "emb.run" / "metrics.json"))
+    assert m["scores"] is None and "nothing is held out" in m["scores_reason"]
+    assert (tmp_path / "out" / "emb.run" / "embedding_maps.png").stat().st_size > 1000
+    ds = xr.open_zarr(tmp_path / "out" / "emb.zarr")
+    assert ds.sizes["tile"] == 49 and set(ds["cluster"].values.tolist()) <= set(range(4))
+    data["split"] = {"test_fraction": 0.25}
+    open(job, "w").write(yaml.safe_dump(data))
+    code, _, err = run_cli(["run", job, "--cluster", "threads", "--output",
+                            str(tmp_path / "o2.zarr")])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "split.test_steps: []" in lines[0], err

@@ -23,6 +23,7 @@ slices, so only the chunks the batch touches are read; nothing goes through imag
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -284,7 +285,9 @@ def read_tiles(da: xr.DataArray, time: np.ndarray, y0: np.ndarray, x0: np.ndarra
         import dask
         import dask.array as dsa
 
-        (out,) = dask.compute(dsa.stack(pieces), scheduler=scheduler)
+        with warnings.catch_warnings():  # many small slices across chunks, by design
+            warnings.simplefilter("ignore", dsa.PerformanceWarning)
+            (out,) = dask.compute(dsa.stack(pieces), scheduler=scheduler)
     else:
         out = np.stack(pieces)
     return np.asarray(out, dtype=np.float32)

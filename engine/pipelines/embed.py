@@ -1,24 +1,26 @@
-"""Tile2Vec embeddings of cloud organisation (document 004; issue 12, sections 1-3).
+"""Tile embeddings of cloud organisation (document 004; issue 12, sections 1-4).
 
-A kind on the job interface (:mod:`engine.pipelines.job`). Data flow: open the cube (a
-catalog entry, or the seeded synthetic organisation fields of
-:mod:`engine.testing.organisation_fields`) and check the variables and tile sizes
-(``prepare``) -> time steps to train and test folds (``split``; the last
-``split.test_fraction`` of the steps, or ``split.test_steps``) -> a ResNet-18 embedder
-trained on triplets of the training steps only (:mod:`engine.ops.triplets`,
-:mod:`engine.ml.embed`) with :func:`engine.ml.fit.fit` (``train``) -> every tile of a window
-grid with a stride over all steps embedded, one row per tile in ``embedding (tile, dim)``
-with its centre ``time``/``y``/``x``, size, fold, label and simple tile statistics; k-means
-clusters fitted on the training steps' tiles (``cluster (tile)``) (``predict``) -> scores of
-the clusters against the labels on the test steps (NMI, ARI, silhouette, purity with
-bootstrap intervals), the same for two baselines (k-means of simple tile statistics, and
-of the same network untrained), and an NMI-vs-scale table over ``embed.scales`` with the
-trained model (``evaluate``) -> the table (``report``).
+A kind on the job interface (:mod:`engine.pipelines.job`); its job file is
+:mod:`engine.pipelines._embedspec`. Data flow: open the cube (a catalog entry, or the
+seeded synthetic organisation fields of :mod:`engine.testing.organisation_fields`) and
+check the variables and tile sizes (``prepare``) -> time steps to train and test folds
+(``split``; the last ``split.test_fraction`` of the steps, or ``split.test_steps``) -> an
+embedder trained on the training steps only with :func:`engine.ml.fit.fit`: a ResNet-18
+on triplets (:mod:`engine.ops.triplets`, :mod:`engine.ml.embed`), or a convolutional
+autoencoder reconstructing the triplets' tiles (``model.architecture: autoencoder``); with
+``embed.scale_models: per_scale`` one more model per extra scale (``train``) -> every tile
+of a window grid with a stride over all steps embedded on the cluster
+(:func:`engine.ml.embed_grid.embed_grid`: one task per step and band of tile rows), one row
+per tile in ``embedding (tile, dim)`` with its centre ``time``/``y``/``x``, size, fold,
+validity, label and simple tile statistics; k-means clusters fitted on the training steps'
+tiles (``cluster (tile)``) (``predict``) -> scores of the clusters against the labels on
+the test steps (NMI, ARI, silhouette, purity with bootstrap intervals that resample whole
+time steps), the same for two baselines (k-means of simple tile statistics, and of the
+same network untrained), and an NMI-vs-scale table over ``embed.scales`` (``evaluate``) ->
+the table (``report``).
 
 Validation triplets (early stopping) come from the training steps too, with triplet
-indices no training epoch uses; the test steps are never seen before scoring. The whole
-domain is embedded in this process (the model on one device); the input cube is read
-one time step at a time.
+indices no training epoch uses; the test steps are never seen before scoring.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import dask
 import numpy as np
@@ -42,204 +44,29 @@ from engine.ops.triplets import (
     triplet_batches,
     triplet_sampler,
 )
+from engine.pipelines._embedspec import (
+    ClusterSpec,
+    EmbedGridSpec,
+    EmbedInputSpec,
+    EmbedModelSpec,
+    EmbedSpec,
+    EmbedSplitSpec,
+    SyntheticInputSpec,
+    TileSpec,
+    TripletLossSpec,
+    TripletSpec,
+)
 from engine.pipelines.job import Job, Prepared, Report, RunContext, Trained, open_input
-from engine.pipelines.spec import JobSpecBase, OutputSpec, TrackingSpec, TrainSpec
 
 __all__ = ["SyntheticInputSpec", "EmbedInputSpec", "TileSpec", "TripletSpec", "EmbedSplitSpec",
            "EmbedModelSpec", "TripletLossSpec", "EmbedGridSpec", "ClusterSpec", "EmbedSpec",
            "EmbedJob", "window_grid", "tile_statistics", "JOB"]
 
 CHECKPOINT = "best.pt"
+#: The figure of one time step: input, embeddings' principal components as RGB, clusters.
+MAPS = "embedding_maps.png"
 #: Validation triplets use indices from here on: no training epoch reaches them.
 _VAL_OFFSET = 1 << 40
-
-
-@dataclass(frozen=True)
-class SyntheticInputSpec:
-    """The seeded synthetic organisation fields (:func:`organisation_fields`)."""
-
-    n_time: int = 16
-    size: int = 128
-    dx_km: float = 2.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class EmbedInputSpec:
-    """A catalog entry, or ``synthetic:`` fields (then ``catalog``/``entry`` stay empty)."""
-
-    catalog: str = ""
-    entry: str = ""
-    chunks: dict[str, int] | None = None
-    storage_options: dict[str, Any] | None = None
-    dims: dict[str, str] | None = None
-    synthetic: SyntheticInputSpec | None = None
-
-
-@dataclass(frozen=True)
-class TileSpec:
-    """Tile size and the whole-domain grid's stride, in ``unit`` (``km`` or ``px``)."""
-
-    size: float = 64.0
-    unit: Literal["km", "px"] = "km"
-    #: Step of the window grid; default: half a tile.
-    stride: float | None = None
-
-
-@dataclass(frozen=True)
-class TripletSpec:
-    #: Training triplets per epoch (new triplets each epoch) and validation triplets.
-    n_train: int = 1024
-    n_validation: int = 128
-    #: Neighbour distance in km: one value, or [low, high] drawn per triplet.
-    neighbour_km: list[float] = field(default_factory=lambda: [32.0])
-    distant: Literal["other_time", "min_distance"] = "other_time"
-    min_distance_km: float | None = None
-    #: Random flips and quarter turns per tile.
-    augment: bool = True
-
-
-@dataclass(frozen=True)
-class EmbedSplitSpec:
-    """Test time steps: listed, or the last ``test_fraction`` of the steps."""
-
-    test_steps: list[int] | None = None
-    test_fraction: float = 0.25
-
-
-@dataclass(frozen=True)
-class EmbedModelSpec:
-    """``resnet18``: document 004's Tile2Vec network trained on triplets. ``autoencoder``:
-    its alternative (section 11.2), a convolutional autoencoder trained to reconstruct
-    tiles, whose bottleneck is the embedding; scored the same way."""
-
-    architecture: Literal["resnet18", "autoencoder"] = "resnet18"
-    #: Channels of the first stage (64: the published ResNet-18; the autoencoder's first
-    #: convolution).
-    width: int = 64
-    stem: Literal["imagenet", "small"] = "imagenet"
-    #: Embedding size (document 004: 100) and the head's hidden layer (resnet18).
-    dim: int = 100
-    hidden: int = 256
-    dropout: float = 0.25
-    #: Stride-2 stages of the autoencoder (the tile must divide by 2**depth).
-    depth: int = 3
-    #: A state_dict of this embedder (e.g. another run's best.pt) to start from.
-    weights: str | None = None
-
-
-@dataclass(frozen=True)
-class TripletLossSpec:
-    margin: float = 1.0
-    distance: Literal["l2", "squared_l2"] = "l2"
-
-
-@dataclass(frozen=True)
-class EmbedGridSpec:
-    #: Tiles per inference batch.
-    batch_size: int = 256
-    #: Other tile sizes (in ``tiles.unit``) embedded by the trained model for the
-    #: NMI-vs-scale table.
-    scales: list[float] = field(default_factory=list)
-    #: ``shared``: the model trained at ``tiles.size`` embeds every scale (the ResNet pools
-    #: globally, so any size goes through it). ``per_scale``: one model trained per scale
-    #: on the same triplet recipe, neighbour distances scaled with the tile (document
-    #: 004's scale experiment; the autoencoder's tile size is fixed, so it needs this).
-    scale_models: Literal["shared", "per_scale"] = "shared"
-    #: Rows of input per embedding task stay within this many MiB (one time step, a band
-    #: of tile rows).
-    band_mib: float = 64.0
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    #: Clusters of k-means (null: as many as the label classes, else 4).
-    k: int | None = None
-    n_boot: int = 200
-    #: Threshold of ``cloud_fraction`` in the tile statistics.
-    cloud_threshold: float = 0.15
-
-
-@dataclass(frozen=True)
-class EmbedSpec(JobSpecBase):
-    """A Tile2Vec embedding job: train on triplets, embed the domain, cluster, score."""
-
-    name: str
-    input: EmbedInputSpec
-    output: OutputSpec
-    #: Variables stacked as channels.
-    variables: list[str] = field(default_factory=lambda: ["cloud"])
-    #: A label variable, (time) or (time, y, x), to score clusters against; null: none.
-    labels: str | None = None
-    kind: Literal["embed"] = "embed"
-    tiles: TileSpec = field(default_factory=TileSpec)
-    triplets: TripletSpec = field(default_factory=TripletSpec)
-    split: EmbedSplitSpec = field(default_factory=EmbedSplitSpec)
-    model: EmbedModelSpec = field(default_factory=EmbedModelSpec)
-    loss: TripletLossSpec = field(default_factory=TripletLossSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=10, batch_size=32,
-                                                                learning_rate=1e-3,
-                                                                patience=5))
-    embed: EmbedGridSpec = field(default_factory=EmbedGridSpec)
-    cluster: ClusterSpec = field(default_factory=ClusterSpec)
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    seed: int = 0
-    base_dir: str = "."
-
-    def check(self) -> None:
-        super().check()
-        i = self.input
-        if (i.synthetic is not None) == bool(i.catalog or i.entry):
-            raise SpecError("input needs either catalog and entry, or synthetic: {...} "
-                            "(not both)")
-        if i.synthetic is not None:
-            s = i.synthetic
-            if not (1 <= s.n_time <= 10_000 and 16 <= s.size <= 8192 and s.dx_km > 0):
-                raise SpecError("input.synthetic needs n_time in [1, 10000], size in "
-                                f"[16, 8192] and dx_km > 0, got {s}")
-        if not self.variables or len(set(self.variables)) != len(self.variables):
-            raise SpecError(f"variables must list each channel once, got {self.variables}")
-        if not self.tiles.size > 0:
-            raise SpecError(f"tiles.size must be > 0, got {self.tiles.size}")
-        if self.tiles.stride is not None and not self.tiles.stride > 0:
-            raise SpecError(f"tiles.stride must be > 0, got {self.tiles.stride}")
-        t = self.triplets
-        if not (1 <= t.n_train <= 10_000_000 and 1 <= t.n_validation <= 1_000_000):
-            raise SpecError("triplets.n_train and triplets.n_validation must be >= 1")
-        if len(t.neighbour_km) not in (1, 2) or not all(v > 0 for v in t.neighbour_km) or \
-                t.neighbour_km[0] > t.neighbour_km[-1]:
-            raise SpecError(f"triplets.neighbour_km must be a distance > 0 or [low, high], "
-                            f"got {t.neighbour_km}")
-        if t.distant == "min_distance" and not (t.min_distance_km or 0) > 0:
-            raise SpecError("triplets.distant: min_distance needs triplets.min_distance_km > 0")
-        if not 0 < self.split.test_fraction < 1:
-            raise SpecError(f"split.test_fraction must be in (0, 1), got "
-                            f"{self.split.test_fraction}")
-        m = self.model
-        if not (1 <= m.dim <= 4096 and 1 <= m.width <= 256 and 1 <= m.hidden <= 8192
-                and 0 <= m.dropout < 1):
-            raise SpecError("model needs dim in [1, 4096], width in [1, 256], hidden in "
-                            f"[1, 8192] and dropout in [0, 1), got {m}")
-        if not self.loss.margin > 0:
-            raise SpecError(f"loss.margin must be > 0, got {self.loss.margin}")
-        if not 1 <= self.embed.batch_size <= 65536:
-            raise SpecError(f"embed.batch_size must be in [1, 65536], got "
-                            f"{self.embed.batch_size}")
-        if any(not s > 0 for s in self.embed.scales):
-            raise SpecError(f"embed.scales must be sizes > 0, got {self.embed.scales}")
-        if not self.embed.band_mib > 0:
-            raise SpecError(f"embed.band_mib must be > 0, got {self.embed.band_mib}")
-        if m.architecture == "autoencoder":
-            if not 1 <= m.depth <= 8:
-                raise SpecError(f"model.depth must be in [1, 8], got {m.depth}")
-            if self.embed.scales and self.embed.scale_models == "shared":
-                raise SpecError("embed.scales with model autoencoder needs "
-                                "embed.scale_models: per_scale (its tile size is fixed)")
-        c = self.cluster
-        if c.k is not None and not 2 <= c.k <= 1000:
-            raise SpecError(f"cluster.k must be in [2, 1000], got {c.k}")
-        if not 0 <= c.n_boot <= 10_000:
-            raise SpecError(f"cluster.n_boot must be in [0, 10000], got {c.n_boot}")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +79,12 @@ class EmbedPrepared(Prepared):
     dx_km: float
     tile: int
     stride: int
+    #: ``data`` in memory, read once for the triplets when small (``triplets.cache_mib``).
+    triplet_data: xr.DataArray | None = None
+
+    @property
+    def tiles_source(self) -> xr.DataArray:
+        return self.data if self.triplet_data is None else self.triplet_data
 
 
 @dataclass(frozen=True)
@@ -351,9 +184,12 @@ def prepare(spec: EmbedSpec) -> EmbedPrepared:
         if px > min(ny, nx):
             raise SpecError(f"embed.scales {s:g} {spec.tiles.unit} is {px} px, larger than "
                             f"the grid ({ny} x {nx})")
-    if data.sizes["time"] < 2:
-        raise CubeError("the cube has one time step: triplets and the test fold need two "
-                        "or more")
+    if data.sizes["time"] < 2 and spec.triplets.distant == "other_time":
+        raise CubeError("the cube has one time step: the distant tile of 'other_time' "
+                        "needs two or more (use triplets.distant: min_distance)")
+    if data.sizes["time"] < 2 and spec.split.test_steps != []:
+        raise CubeError("the cube has one time step: a test fold needs two or more (set "
+                        "split.test_steps: [] to embed and cluster it without scores)")
     m = spec.model
     if m.architecture == "autoencoder":  # every tile size must suit the bottleneck
         for px in {tile, *(tile_pixels(v, spec.tiles.unit, spacing)
@@ -375,9 +211,9 @@ def time_split(p: EmbedPrepared) -> TimeSplit:
     s = p.spec.split
     if s.test_steps is not None:
         bad = [t for t in s.test_steps if not 0 <= t < n]
-        if bad or not s.test_steps:
-            raise SpecError(f"split.test_steps {bad or '[]'} must be step indices in "
-                            f"[0, {n})")
+        if bad or len(s.test_steps) >= n:
+            raise SpecError(f"split.test_steps {bad or s.test_steps} must be step indices "
+                            f"in [0, {n}) that leave a training step")
         test = sorted(set(s.test_steps))
     else:
         k = max(1, math.ceil(s.test_fraction * n))
@@ -434,7 +270,7 @@ class EmbedJob(Job):
     def _val(self, p: EmbedPrepared, sampler: TripletSampler) -> Any:
         n = p.spec.triplets.n_validation
         idx = np.arange(_VAL_OFFSET, _VAL_OFFSET + n)
-        return lambda: triplet_batches(p.data, sampler, idx, fold=0,
+        return lambda: triplet_batches(p.tiles_source, sampler, idx, fold=0,
                                        batch_size=p.spec.train.batch_size, augment=False)
 
     def _fit_one(self, p: EmbedPrepared, sampler: TripletSampler, tile: int,
@@ -464,8 +300,8 @@ class EmbedJob(Job):
 
         def batches(epoch: int) -> Any:
             idx = np.arange(epoch * tr.n_train, (epoch + 1) * tr.n_train)
-            return triplet_batches(p.data, sampler, idx, fold=0, batch_size=t.batch_size,
-                                   augment=tr.augment, epoch=epoch)
+            return triplet_batches(p.tiles_source, sampler, idx, fold=0,
+                                   batch_size=t.batch_size, augment=tr.augment, epoch=epoch)
 
         auto = m.architecture == "autoencoder"
         # the autoencoder reconstructs each of a triplet's three tiles (all training tiles)
@@ -502,6 +338,11 @@ class EmbedJob(Job):
         from engine.ml.train import load_checkpoint
 
         spec = p.spec
+        if p.data.nbytes <= spec.triplets.cache_mib * 2**20:
+            ctx.log(f"reading the cube ({p.data.nbytes / 2**20:.1f} MiB) into memory for "
+                    "the triplets")
+            p.triplet_data = p.data.load() if not hasattr(p.data.data, "dask") else \
+                p.data.copy(data=np.asarray(p.data.data.compute()))
         folds = _valid_folds(p, s)
         sampler = self._sampler(p, folds, p.tile)
         scale_tiles = self._scale_tiles(p)
@@ -687,8 +528,15 @@ class EmbedJob(Job):
             "tile_km": [p.tile * p.dy_km, p.tile * p.dx_km],
             "training": {k: v for k, v in trained.info.items() if k != "history"},
         }
-        if "label" not in written:
+        try:
+            _maps_plot(p, s, written, ctx.path(MAPS))
+            out["maps"] = MAPS
+        except Exception as e:  # a figure is never worth a failed run
+            ctx.log(f"no {MAPS}: {type(e).__name__}: {e}")
+        if "label" not in written or not s.test:
             out["scores"] = None
+            out["scores_reason"] = ("no label variable" if "label" not in written else
+                                    "split.test_steps is empty: nothing is held out")
             return out
         w = written[["fold", "label", "valid", "cluster", "tile_statistics",
                      "time_index"]].compute()
@@ -798,12 +646,63 @@ class EmbedJob(Job):
             e = metrics["scores"]["embedding_kmeans"]
             summary = {"nmi": e["nmi"], "ari": e["ari"], "silhouette": e["silhouette"]}
         files = {"checkpoint": ctx.path(CHECKPOINT)}
+        if metrics.get("maps"):
+            files["maps"] = ctx.path(metrics["maps"])
         files.update({f"checkpoint_{px}px": ctx.path(scale_checkpoint(px))
                       for px in self._scale_tiles(p)})
         return Report(title=f"{p.spec.name}: clusters vs labels on test steps {s.test}",
                       columns=["clusters", "NMI [95% CI]", "ARI [95% CI]",
                                "silhouette [95% CI]"],
                       rows=rows, notes=notes, files=files, summary=summary)
+
+
+def _maps_plot(p: EmbedPrepared, s: TimeSplit, written: xr.Dataset, path: str) -> None:
+    """One time step (the first test step, else the last): its first variable, its tiles'
+    first three principal components of the embedding as RGB, and its clusters, on the
+    tile grid (each tile drawn at its centre)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from engine.ml.cluster import pca
+
+    step = s.test[0] if s.test else p.data.sizes["time"] - 1
+    ys = window_grid(p.data.sizes["y"], p.tile, p.stride)
+    xs = window_grid(p.data.sizes["x"], p.tile, p.stride)
+    n = ys.size * xs.size
+    rows = slice(step * n, (step + 1) * n)  # the tile dim is time-major
+    part = written.isel(tile=rows)[["embedding", "valid", "cluster"]].compute()
+    emb, ok = part["embedding"].values, part["valid"].values.astype(bool)
+    rgb = np.full((n, 3), np.nan)
+    if ok.sum() >= 4:
+        r = pca(emb[ok], min(3, emb.shape[1]))
+        z = r.transform(emb[ok])
+        lo, hi = np.percentile(z, 2, axis=0), np.percentile(z, 98, axis=0)
+        rgb[ok, :z.shape[1]] = np.clip((z - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1)
+        rgb[ok, z.shape[1]:] = 0.5
+    cl = np.where(ok, part["cluster"].values, -1).astype(float)
+    cl[cl < 0] = np.nan
+    yv, xv = p.data["y"].values, p.data["x"].values
+    yc, xc = part["y"].values.reshape(ys.size, xs.size), part["x"].values.reshape(ys.size,
+                                                                                    xs.size)
+    field = np.asarray(p.data.isel(time=step, channel=0).values)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 5))
+    ax[0].imshow(field, extent=(xv[0], xv[-1], yv[-1], yv[0]), cmap="gray", aspect="auto")
+    ax[0].set_title(f"{p.spec.variables[0]}, step {step}")
+    ext = (xc[0, 0], xc[0, -1], yc[-1, 0], yc[0, 0])
+    ax[1].imshow(np.nan_to_num(rgb.reshape(ys.size, xs.size, 3), nan=1.0), extent=ext,
+                 aspect="auto")
+    ax[1].set_title("embedding: first 3 principal components as RGB")
+    ax[2].imshow(cl.reshape(ys.size, xs.size), extent=ext, cmap="tab10", aspect="auto",
+                 interpolation="nearest")
+    ax[2].set_title("k-means cluster")
+    for a in ax:  # row 0 on top, as imshow's extents above put it
+        a.set_xlim(xv[0], xv[-1])
+        a.set_ylim(yv[-1], yv[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
