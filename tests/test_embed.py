@@ -324,3 +324,29 @@ def test_one_image_is_embedded_and_clustered_without_scores(tmp_path, run_cli):
                             str(tmp_path / "o2.zarr")])
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "split.test_steps: []" in lines[0], err
+
+
+def test_shipped_real_image_job_reduced(tmp_path, run_cli):
+    """jobs/embed-msg.yaml (the MSG image from iris-sample-data, via catalogs/clouds.yaml)
+    with fewer triplets and epochs: every 12 px tile of the image gets a row, the tiles
+    that cross the image's missing wedge are marked incomplete, clusters are 0..4."""
+    data = yaml.safe_load(open(os.path.join(ROOT, "jobs", "embed-msg.yaml")))
+    data["input"]["catalog"] = os.path.join(ROOT, "catalogs", "clouds.yaml")
+    data["triplets"].update(n_train=64, n_validation=32)
+    data["train"].update(epochs=2)
+    data["output"]["url"] = str(tmp_path / "msg.zarr")
+    job = tmp_path / "msg.yaml"
+    job.write_text(yaml.safe_dump(data))
+    code, _, err = run_cli(["run", str(job), "--cluster", "threads", "--quiet"])
+    assert code == 0, err
+    ds = xr.open_zarr(tmp_path / "msg.zarr")
+    src = xr.open_zarr(os.path.join(ROOT, "catalogs", "data", "msg_ir.zarr"))["bt"][0].values
+    ok = np.isfinite(np.lib.stride_tricks.sliding_window_view(src, (12, 12))[::4, ::4])
+    ok = ok.all(axis=(2, 3)).ravel()
+    assert ds.sizes["tile"] == ok.size == 38 * 62
+    np.testing.assert_array_equal(ds["valid"].values.astype(bool), ok)
+    assert 0 < (~ok).sum() < ok.size
+    cl = ds["cluster"].values
+    assert set(cl[ok].tolist()) <= set(range(5)) and (cl[~ok] == -1).all()
+    m = json.load(open(tmp_path / "msg.run" / "metrics.json"))
+    assert m["scores"] is None and m["maps"] == "embedding_maps.png"
