@@ -180,8 +180,12 @@ def test_reduced_job_end_to_end(tmp_path, run_cli):
         assert again[key] == pytest.approx(e[key])
     assert e["n"] == int(test.sum()) == 18
     assert 0 <= e["nmi"] <= 1 and e["nmi_ci"][0] <= e["nmi"] <= e["nmi_ci"][1]
-    assert set(m["scores"]) == {"embedding_kmeans", "tile_statistics_kmeans",
-                                "untrained_network_kmeans"}
+    assert set(m["scores"]) == {"embedding_kmeans", "embedding_ward",
+                                "tile_statistics_kmeans", "untrained_network_kmeans"}
+    # Ward: every tile by the nearest of k centroids; the figures are in the run folder
+    assert set(ds["cluster_ward"].values.tolist()) <= set(range(4))
+    for name in ("dendrogram.png", "nmi_vs_scale.png", "embedding_maps.png"):
+        assert (run / name).stat().st_size > 1000, name
     assert [r["tile_px"] for r in m["nmi_vs_scale"]] == [24, 32]
     tr = m["training"]
     assert tr["epochs_run"] == 2 and tr["triplets_seen"] == 2 * 96

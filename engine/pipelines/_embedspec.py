@@ -122,6 +122,9 @@ class ClusterSpec:
     n_boot: int = 200
     #: Threshold of ``cloud_fraction`` in the tile statistics.
     cloud_threshold: float = 0.15
+    #: Ward hierarchical clustering (same k) on a subsample of this many training tiles,
+    #: the rest by nearest centroid (``cluster_ward``), with a dendrogram; 0: none.
+    ward_subsample: int = 2000
 
 
 @dataclass(frozen=True)
@@ -206,3 +209,6 @@ class EmbedSpec(JobSpecBase):
             raise SpecError(f"cluster.k must be in [2, 1000], got {c.k}")
         if not 0 <= c.n_boot <= 10_000:
             raise SpecError(f"cluster.n_boot must be in [0, 10000], got {c.n_boot}")
+        if not (c.ward_subsample == 0 or 2 <= c.ward_subsample <= 20_000):
+            raise SpecError(f"cluster.ward_subsample must be 0 (no Ward) or in [2, 20000] "
+                            f"(its memory grows with the square), got {c.ward_subsample}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,10 @@ __all__ = ["SyntheticInputSpec", "EmbedInputSpec", "TileSpec", "TripletSpec", "E
 CHECKPOINT = "best.pt"
 #: The figure of one time step: input, embeddings' principal components as RGB, clusters.
 MAPS = "embedding_maps.png"
+#: Ward's tree of the training tiles' embeddings, with example tiles per leaf.
+DENDROGRAM = "dendrogram.png"
+#: NMI (with its interval) against tile size.
+SCALES = "nmi_vs_scale.png"
 #: Validation triplets use indices from here on: no training epoch reaches them.
 _VAL_OFFSET = 1 << 40
 
@@ -424,21 +429,51 @@ class EmbedJob(Job):
             return p.spec.cluster.k
         return int(len(np.unique(labels[labels >= 0]))) if labels is not None else 4
 
-    def _clusters(self, g: xr.Dataset, fit_rows: np.ndarray, k: int, seed: int,
-                  max_fit: int = 100_000) -> Any:
-        """k-means fitted on ``fit_rows`` of ``g``'s embeddings (a seeded subsample of
-        ``max_fit`` rows where there are more: mini-batch k-means needs no more), and the
-        nearest centre of every valid tile (-1 elsewhere), lazily over the persisted
-        embeddings."""
-        from engine.ml.cluster import kmeans
-
-        emb = g["embedding"].data
+    def _fit_rows(self, g: xr.Dataset, fit_rows: np.ndarray, seed: int,
+                  max_fit: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of ``fit_rows`` in memory (a seeded subsample of ``max_fit`` rows
+        where there are more: mini-batch k-means needs no more), and their row numbers."""
         if fit_rows.size > max_fit:
             rng = np.random.default_rng([seed, 7])
             fit_rows = np.sort(rng.choice(fit_rows, max_fit, replace=False))
-        km = kmeans(np.asarray(emb[fit_rows].compute()), k, seed=seed)
-        centers = km.centers.astype(np.float32)
-        return emb.map_blocks(_nearest, centers, drop_axis=1, dtype=np.int32)
+        return np.asarray(g["embedding"].data[fit_rows].compute()), fit_rows
+
+    def _clusters(self, g: xr.Dataset, fit_rows: np.ndarray, k: int, seed: int) -> Any:
+        """k-means fitted on ``fit_rows`` of ``g``'s embeddings and the nearest centre of
+        every valid tile (-1 elsewhere), lazily over the persisted embeddings."""
+        from engine.ml.cluster import kmeans
+
+        x, _ = self._fit_rows(g, fit_rows, seed)
+        centers = kmeans(x, k, seed=seed).centers.astype(np.float32)
+        return g["embedding"].data.map_blocks(_nearest, centers, drop_axis=1, dtype=np.int32)
+
+    def _ward(self, p: EmbedPrepared, g: xr.Dataset, fit_rows: np.ndarray, k: int,
+              ctx: RunContext) -> Any:
+        """Ward clusters (same k) of a subsample of the training tiles, every valid tile
+        by nearest centroid; the dendrogram with example tiles per leaf drawn in the run
+        folder."""
+        from engine.ml.cluster import dendrogram_plot, ward
+        from engine.ops.triplets import read_tiles
+
+        spec = p.spec
+        x, rows = self._fit_rows(g, fit_rows, spec.seed)
+        w = ward(x, k, subsample=spec.cluster.ward_subsample, seed=spec.seed)
+        labels = g["embedding"].data.map_blocks(_nearest, w.centroids.astype(np.float32),
+                                                drop_axis=1, dtype=np.int32)
+        try:
+            t, y0, x0 = (np.asarray(g[c].values) for c in ("time_index", "y0", "x0"))
+            examples = {}
+            for j in range(k):
+                pick = rows[w.sample_index[w.sample_labels == j][:3]]
+                tiles = read_tiles(p.tiles_source, t[pick], y0[pick], x0[pick], p.tile)
+                examples[j] = list(tiles[:, 0])
+            fig = dendrogram_plot(w.linkage, k, examples, path=ctx.path(DENDROGRAM))
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        except Exception as e:  # a figure is never worth a failed run
+            ctx.log(f"no {DENDROGRAM}: {type(e).__name__}: {e}")
+        return labels
 
     def predict(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
                 trained: EmbedTrained, ctx: RunContext) -> xr.Dataset:
@@ -455,6 +490,8 @@ class EmbedJob(Job):
             raise CubeError(f"{fit_rows.size} complete tiles in the training steps, fewer "
                             f"than cluster.k={k}: use smaller tiles or fewer clusters")
         cluster = self._clusters(g, fit_rows, k, spec.seed)
+        ward = (self._ward(p, g, fit_rows, k, ctx) if spec.cluster.ward_subsample
+                else None)
         yv, xv = p.data["y"].values, p.data["x"].values
         yc = 0.5 * (yv[y0] + yv[y0 + p.tile - 1])  # centre of the first and last
         xc = 0.5 * (xv[x0] + xv[x0 + p.tile - 1])  # pixel centres of the tile
@@ -493,6 +530,12 @@ class EmbedJob(Job):
                     "tile_width": ("tile", np.full(len(xc), size_km[1], np.float32),
                                    {"units": "km", "long_name": "tile size along x",
                                     "pixels": p.tile})})
+        if ward is not None:
+            out["cluster_ward"] = xr.DataArray(
+                ward, dims="tile",
+                attrs={"long_name": f"Ward cluster of the embedding (k={k}, on a subsample "
+                                    "of the training steps' tiles, the rest by nearest "
+                                    "centroid); -1: no embedding"})
         if labels is not None:
             out["label"] = xr.DataArray(labels, dims="tile",
                                         attrs={"long_name": f"{spec.labels} of the tile "
@@ -538,8 +581,8 @@ class EmbedJob(Job):
             out["scores_reason"] = ("no label variable" if "label" not in written else
                                     "split.test_steps is empty: nothing is held out")
             return out
-        w = written[["fold", "label", "valid", "cluster", "tile_statistics",
-                     "time_index"]].compute()
+        w = written[["fold", "label", "valid", "cluster", "tile_statistics", "time_index",
+                     *(["cluster_ward"] if "cluster_ward" in written else [])]].compute()
         fold, lab, t = w["fold"].values, w["label"].values, w["time_index"].values
         valid = w["valid"].values.astype(bool)
         out["incomplete_tiles"] = int((~valid).sum())
@@ -551,6 +594,9 @@ class EmbedJob(Job):
         out["k"] = k
         out["scores"] = {"embedding_kmeans": self._score(lab, w["cluster"].values, emb,
                                                          test, t, spec)}
+        if "cluster_ward" in w:
+            out["scores"]["embedding_ward"] = self._score(lab, w["cluster_ward"].values, emb,
+                                                          test, t, spec)
         # baseline: the same k-means on standardised tile statistics (no network)
         st = w["tile_statistics"].values
         fit = valid & (fold == 0)
@@ -576,7 +622,20 @@ class EmbedJob(Job):
                                         "and the trained standardisation, clustered the same "
                                         "way"}
         if spec.embed.scales:
-            out["nmi_vs_scale"] = self._scales(p, s, trained, k)
+            out["nmi_vs_scale"] = scale_rows = self._scales(p, s, trained, k)
+            try:
+                from engine.ml.cluster import nmi_vs_scale_plot
+
+                table = [{"scale": r["size"], "nmi": r["nmi"],
+                          "nmi_low": (r.get("nmi_ci") or [None, None])[0],
+                          "nmi_high": (r.get("nmi_ci") or [None, None])[1]}
+                         for r in scale_rows if r["nmi"] is not None]
+                fig = nmi_vs_scale_plot(table, spec.tiles.unit, path=ctx.path(SCALES))
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+            except Exception as e:  # a figure is never worth a failed run
+                ctx.log(f"no {SCALES}: {type(e).__name__}: {e}")
         return out
 
     def _untrained(self, p: EmbedPrepared, model: Any, tile: int) -> Any:
@@ -648,6 +707,9 @@ class EmbedJob(Job):
         files = {"checkpoint": ctx.path(CHECKPOINT)}
         if metrics.get("maps"):
             files["maps"] = ctx.path(metrics["maps"])
+        for key, name in (("dendrogram", DENDROGRAM), ("nmi_vs_scale", SCALES)):
+            if os.path.exists(ctx.path(name)):
+                files[key] = ctx.path(name)
         files.update({f"checkpoint_{px}px": ctx.path(scale_checkpoint(px))
                       for px in self._scale_tiles(p)})
         return Report(title=f"{p.spec.name}: clusters vs labels on test steps {s.test}",
