@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["CAMResult", "gradcam", "cube_gradcam", "overlay_plot", "find_layer",
-           "map_sizes", "resolving_layer"]
+           "map_sizes", "resolving_layer", "blank_tile"]
 
 Method = Literal["gradcam", "gradcam++"]
 
@@ -396,3 +396,8 @@ def overlay_plot(tile: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45,
     if path is not None:
         fig.savefig(path, dpi=100, bbox_inches="tight")
     return fig
+
+
+def blank_tile(channels: int, size: int) -> torch.Tensor:
+    """One all-zero tile ``(1, channels, size, size)``, to try a layer choice on."""
+    return torch.zeros(1, channels, size, size)

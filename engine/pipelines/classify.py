@@ -221,14 +221,12 @@ class ClassifyJob(Job):
         """The target layer of the maps, tried on one blank tile with an untrained model: a
         layer that is not in the network, or whose output is no ``(B, C, h, w)`` map that
         reaches the logits, is one line."""
-        import torch
-
-        from engine.ml.gradcam import gradcam, map_sizes, resolving_layer
+        from engine.ml.gradcam import blank_tile, gradcam, map_sizes, resolving_layer
 
         assert spec.gradcam is not None
         model = self._model(spec, len(spec.features))
         t = spec.patches.size
-        blank = torch.zeros(1, len(spec.features), t, t)
+        blank = blank_tile(len(spec.features), t)
         layer = spec.gradcam.layer
         if layer is None:
             return resolving_layer(model.core, blank, CAM_STAGES, min_size=4)
