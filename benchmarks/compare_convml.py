@@ -79,7 +79,7 @@ a separate virtual environment with the engine on ``PYTHONPATH`` (benchmarks/REA
         seaborn parse scikit-image 'antialiased-cnns>=0.3' semver statsmodels 'numpy<2.0' \\
         'setuptools<82' requests psutil pytest 'dask[array]' distributed 'zarr>=3.0.8' \\
         fsspec 'intake>=2.0.7' 'xbatcher>=0.4' rich pyyaml bokeh pillow
-    PYTHONPATH=. /tmp/convml-venv/bin/python -m benchmarks.compare_convml [tiny|default]
+    PYTHONPATH=. /tmp/convml-venv/bin/python -m benchmarks.compare_convml [tiny|small|default]
 """
 
 from __future__ import annotations
