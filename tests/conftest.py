@@ -133,3 +133,17 @@ def small_landcover(tmp_path_factory) -> str:
     from tests._segfixtures import small_catalog
 
     return small_catalog(tmp_path_factory.mktemp("landcover_small"))
+
+
+@pytest.fixture
+def refused(run_cli) -> Callable[[list[str], str], str]:
+    """``refused(args, words)``: the command exits 2 with one line on stderr that holds
+    ``words`` (the bad-input contract); returns that line."""
+
+    def check(args: list[str], words: str) -> str:
+        code, _, err = run_cli(args)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and words in lines[0], err
+        return lines[0]
+
+    return check

@@ -24,7 +24,8 @@ from torch import nn
 from engine.errors import SpecError
 from engine.ml.archs import ResNet18
 
-__all__ = ["EmbeddingHead", "TileEmbedder", "tile_embedder", "triplet_loss", "embed_tiles",
+__all__ = ["EmbeddingHead", "StandardisedEmbedder", "TileEmbedder", "tile_embedder",
+           "triplet_loss", "embed_tiles",
            "triplet_distances", "triplet_accuracy", "save_weights", "AutoencoderEmbedder",
            "autoencoder_embedder", "Reconstruction", "reconstruction_loss", "models_hash"]
 
@@ -45,18 +46,15 @@ class EmbeddingHead(nn.Module):
         return self.net(x)
 
 
-class TileEmbedder(nn.Module):
-    """Standardisation -> ResNet-18 features -> :class:`EmbeddingHead`."""
+class StandardisedEmbedder(nn.Module):
+    """Per-channel standardisation with the training tiles' statistics (buffers), then
+    :meth:`embed`; a triplet batch ``(B, 3, C, h, w)`` gives ``(B, 3, dim)``."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, in_channels: int, dim: int = 100, width: int = 64,
-                 stem: str = "imagenet", hidden: int = 256, dropout: float = 0.25) -> None:
+    def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
-        self.backbone = ResNet18(in_channels, 1, width=width, stem=stem)
-        self.backbone.fc = nn.Identity()  # type: ignore[assignment]
-        self.head = EmbeddingHead(8 * width, dim, hidden, dropout)
         self.dim = dim
         self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
         self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
@@ -68,11 +66,32 @@ class TileEmbedder(nn.Module):
             s = torch.as_tensor(std, dtype=torch.float32).view_as(self.std)
             self.std.copy_(torch.where(s > 0, s, torch.ones_like(s)))
 
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(B, dim)`` of standardised tiles ``(B, C, h, w)``."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 5:  # (B, 3, C, h, w) triplets -> (B, 3, dim)
             b, k = x.shape[:2]
             return self.forward(x.reshape(b * k, *x.shape[2:])).reshape(b, k, -1)
-        return self.head(self.backbone((x - self.mean) / self.std))
+        return self.embed(self.standardise(x))
+
+
+class TileEmbedder(StandardisedEmbedder):
+    """Standardisation -> ResNet-18 features -> :class:`EmbeddingHead`."""
+
+    def __init__(self, in_channels: int, dim: int = 100, width: int = 64,
+                 stem: str = "imagenet", hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__(in_channels, dim)
+        self.backbone = ResNet18(in_channels, 1, width=width, stem=stem)
+        self.backbone.fc = nn.Identity()  # type: ignore[assignment]
+        self.head = EmbeddingHead(8 * width, dim, hidden, dropout)
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(z))
 
 
 def tile_embedder(in_channels: int, dim: int = 100, width: int = 64, stem: str = "imagenet",
@@ -174,7 +193,7 @@ def triplet_accuracy(model: nn.Module, batches: object, device: str | torch.devi
     return (right / total if total else float("nan")), total
 
 
-class AutoencoderEmbedder(nn.Module):
+class AutoencoderEmbedder(StandardisedEmbedder):
     """Standardisation -> :class:`engine.ml.archs.ConvAutoencoder`; the bottleneck is the
     embedding (document 004's alternative to Tile2Vec, section 11.2).
 
@@ -185,29 +204,16 @@ class AutoencoderEmbedder(nn.Module):
     bottleneck's linear layers.
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, in_channels: int, tile: int, dim: int = 100, width: int = 16,
                  depth: int = 3) -> None:
-        super().__init__()
+        super().__init__(in_channels, dim)
         from engine.ml.archs import ConvAutoencoder
 
         self.autoencoder = ConvAutoencoder(in_channels, tile, dim, width, depth)
-        self.dim, self.tile = dim, tile
-        self.register_buffer("mean", torch.zeros(1, in_channels, 1, 1))
-        self.register_buffer("std", torch.ones(1, in_channels, 1, 1))
+        self.tile = tile
 
-    set_statistics = TileEmbedder.set_statistics
-
-    def standardise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 5:  # (B, 3, C, h, w) triplets -> (B, 3, dim)
-            b, k = x.shape[:2]
-            return self.forward(x.reshape(b * k, *x.shape[2:])).reshape(b, k, -1)
-        return self.autoencoder.encode(self.standardise(x))
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(z)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The standardised reconstruction of tiles ``x``."""

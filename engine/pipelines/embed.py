@@ -346,8 +346,7 @@ class EmbedJob(Job):
         if p.data.nbytes <= spec.triplets.cache_mib * 2**20:
             ctx.log(f"reading the cube ({p.data.nbytes / 2**20:.1f} MiB) into memory for "
                     "the triplets")
-            p.triplet_data = p.data.load() if not hasattr(p.data.data, "dask") else \
-                p.data.copy(data=np.asarray(p.data.data.compute()))
+            p.triplet_data = p.data.copy(data=np.asarray(p.data.data))
         folds = _valid_folds(p, s)
         sampler = self._sampler(p, folds, p.tile)
         scale_tiles = self._scale_tiles(p)
@@ -438,25 +437,27 @@ class EmbedJob(Job):
             fit_rows = np.sort(rng.choice(fit_rows, max_fit, replace=False))
         return np.asarray(g["embedding"].data[fit_rows].compute()), fit_rows
 
-    def _clusters(self, g: xr.Dataset, fit_rows: np.ndarray, k: int, seed: int) -> Any:
-        """k-means fitted on ``fit_rows`` of ``g``'s embeddings and the nearest centre of
-        every valid tile (-1 elsewhere), lazily over the persisted embeddings."""
+    def _clusters(self, g: xr.Dataset, fit_rows: np.ndarray, k: int, seed: int,
+                  fitted: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+        """k-means fitted on ``fit_rows`` of ``g``'s embeddings (``fitted``: those rows
+        already read by :meth:`_fit_rows`) and the nearest centre of every valid tile (-1
+        elsewhere), lazily over the persisted embeddings."""
         from engine.ml.cluster import kmeans
 
-        x, _ = self._fit_rows(g, fit_rows, seed)
+        x, _ = fitted or self._fit_rows(g, fit_rows, seed)
         centers = kmeans(x, k, seed=seed).centers.astype(np.float32)
         return g["embedding"].data.map_blocks(_nearest, centers, drop_axis=1, dtype=np.int32)
 
-    def _ward(self, p: EmbedPrepared, g: xr.Dataset, fit_rows: np.ndarray, k: int,
-              ctx: RunContext) -> Any:
-        """Ward clusters (same k) of a subsample of the training tiles, every valid tile
-        by nearest centroid; the dendrogram with example tiles per leaf drawn in the run
-        folder."""
+    def _ward(self, p: EmbedPrepared, g: xr.Dataset, fitted: tuple[np.ndarray, np.ndarray],
+              k: int, ctx: RunContext) -> Any:
+        """Ward clusters (same k) of a subsample of the training tiles ``fitted`` (from
+        :meth:`_fit_rows`), every valid tile by nearest centroid; the dendrogram with
+        example tiles per leaf drawn in the run folder."""
         from engine.ml.cluster import dendrogram_plot, ward
         from engine.ops.triplets import read_tiles
 
         spec = p.spec
-        x, rows = self._fit_rows(g, fit_rows, spec.seed)
+        x, rows = fitted
         w = ward(x, k, subsample=spec.cluster.ward_subsample, seed=spec.seed)
         labels = g["embedding"].data.map_blocks(_nearest, w.centroids.astype(np.float32),
                                                 drop_axis=1, dtype=np.int32)
@@ -489,9 +490,9 @@ class EmbedJob(Job):
         if fit_rows.size < k:
             raise CubeError(f"{fit_rows.size} complete tiles in the training steps, fewer "
                             f"than cluster.k={k}: use smaller tiles or fewer clusters")
-        cluster = self._clusters(g, fit_rows, k, spec.seed)
-        ward = (self._ward(p, g, fit_rows, k, ctx) if spec.cluster.ward_subsample
-                else None)
+        fitted = self._fit_rows(g, fit_rows, spec.seed)  # read once for both clusterings
+        cluster = self._clusters(g, fit_rows, k, spec.seed, fitted)
+        ward = (self._ward(p, g, fitted, k, ctx) if spec.cluster.ward_subsample else None)
         yv, xv = p.data["y"].values, p.data["x"].values
         yc = 0.5 * (yv[y0] + yv[y0 + p.tile - 1])  # centre of the first and last
         xc = 0.5 * (xv[x0] + xv[x0 + p.tile - 1])  # pixel centres of the tile
@@ -622,7 +623,8 @@ class EmbedJob(Job):
                                         "and the trained standardisation, clustered the same "
                                         "way"}
         if spec.embed.scales:
-            out["nmi_vs_scale"] = scale_rows = self._scales(p, s, trained, k)
+            out["nmi_vs_scale"] = scale_rows = self._scales(p, s, trained, k,
+                                                            out["scores"]["embedding_kmeans"])
             try:
                 from engine.ml.cluster import nmi_vs_scale_plot
 
@@ -646,13 +648,22 @@ class EmbedJob(Job):
         net.set_statistics(model.mean.ravel().tolist(), model.std.ravel().tolist())
         return net.eval()
 
-    def _scales(self, p: EmbedPrepared, s: TimeSplit, trained: EmbedTrained,
-                k: int) -> list[dict[str, Any]]:
+    def _scales(self, p: EmbedPrepared, s: TimeSplit, trained: EmbedTrained, k: int,
+                main: dict[str, Any]) -> list[dict[str, Any]]:
+        """The NMI-vs-scale rows; the job's own tile size on its own grid is ``main`` (the
+        scores of the stored clusters), not embedded and clustered again."""
         spec = p.spec
         rows = []
+        keys = ("nmi", "nmi_ci", "ari", "ari_ci", "silhouette", "silhouette_ci")
         sizes = sorted({float(spec.tiles.size), *map(float, spec.embed.scales)})
         for size in sizes:
             tile = tile_pixels(size, spec.tiles.unit, min(p.dy_km, p.dx_km))
+            if tile == p.tile and max(1, tile // 2) == p.stride:
+                rows.append({"size": size, "unit": spec.tiles.unit, "tile_px": tile,
+                             "tile_km": tile * min(p.dy_km, p.dx_km), "tiles": main["n"],
+                             "model": "trained at this size", "trained_size": True,
+                             **{key: main[key] for key in keys}})
+                continue
             model = trained.scale_models.get(tile, trained.model)
             g = self._embed_grid(p, model, tile, max(1, tile // 2))
             lab = self._tile_labels(p, g, tile)
@@ -675,8 +686,7 @@ class EmbedJob(Job):
             emb[np.flatnonzero(test)] = g["embedding"].data[np.flatnonzero(test)].compute()
             sc = self._score(lab, pred, emb, test, t, spec)
             rows.append({**row, "trained_size": tile == p.tile,
-                         **{key: sc[key] for key in ("nmi", "nmi_ci", "ari", "ari_ci",
-                                                     "silhouette", "silhouette_ci")}})
+                         **{key: sc[key] for key in keys}})
         return rows
 
     def report(self, p: EmbedPrepared, s: TimeSplit,  # type: ignore[override]
