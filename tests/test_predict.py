@@ -392,3 +392,49 @@ def test_serialising_an_unchanged_model_again_is_free_and_a_changed_one_is_not()
     assert serialize_model(net).digest not in (first.digest, stepped.digest)
     net.load_state_dict(torch.load(io.BytesIO(first.data), weights_only=True))
     assert serialize_model(net).digest == first.digest
+
+
+def test_tiled_graph_is_one_inference_and_one_crop_task_per_block():
+    """The block is assembled inside the inference task: no gathered block is a task
+    result (nothing of it is held in dask's memory or sent between workers), and the
+    inference tasks return only the blocks' cores."""
+    ds = synthetic_cube({"time": 4, "lat": 96, "lon": 96}, chunks={"time": 1, "lat": 48})
+    out = predict(ds, _identity_conv(), tile=TILE)
+    layers = out.data.__dask_graph__().layers
+    infer = [n for n in layers if n.startswith("predict-tiles-")]
+    crop = [n for n in layers if n.startswith("crop-")]
+    assert len(infer) == len(crop) == 1
+    assert not [n for n in layers if n.startswith("windows-")]
+    assert len(layers[infer[0]]) == len(layers[crop[0]]) == 8
+    # each inference task returns its block's core: along lat the cores of one step tile
+    # the padded axis exactly (halo-extended blocks would overlap)
+    keys = sorted(k for k in layers[infer[0]] if k[1] == 0)
+    cores = dask.get(dict(out.data.__dask_graph__()), keys)
+    pad = grid_padding(96, 32, 16)
+    assert sum(c.shape[-2] for c in cores) == pad.before + 96 + pad.after
+    assert {c.shape[-1] for c in cores} == {pad.before + 96 + pad.after}
+
+
+def test_thread_work_buffers_are_reused_and_never_returned():
+    """Blocks in one thread reuse its work buffers (the fresh pages of a new buffer cost
+    more than the copy into it), yet every returned block is a fresh array: two
+    predictions computed one after the other equal each computed alone, with any
+    buffer budget."""
+    import engine.ml.predict as P
+
+    a = synthetic_cube({"time": 2, "lat": 80, "lon": 64}, chunks={"time": 1}, seed=1)
+    b = synthetic_cube({"time": 2, "lat": 80, "lon": 64}, chunks={"time": 1}, seed=2)
+    net = _net(3)
+    want = [predict(x, net, tile=TILE, fill_value=0.0).compute(scheduler="sync").values
+            for x in (a, b)]
+    for mib in (0, 64):
+        with dask.config.set({"engine.predict.scratch-mib": mib}):
+            P._SCRATCH.__dict__.pop("bufs", None)
+            got = dask.compute(predict(a, net, tile=TILE, fill_value=0.0),
+                               predict(b, net, tile=TILE, fill_value=0.0),
+                               scheduler="sync")
+            kept = P._SCRATCH.__dict__.get("bufs", {})
+            assert (len(kept) > 0) == (mib > 0)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g.values, w)
+                assert not any(np.shares_memory(g.values, buf) for buf in kept.values())

@@ -66,3 +66,69 @@ def test_one_task_per_block_not_a_hundred():
     ext = gather_blocks([x, x, x], plan, "reflect", "g-count")
     layer = ext.__dask_graph__().layers["g-count"]
     assert len(layer) == 8
+
+
+def _stack_sum(spec, index, scale, *pieces, cores_of=None):
+    """A consumer of gathered blocks: channel sum times ``scale`` (from a delayed)."""
+    from engine.ops.tiled import gather
+
+    block = gather(spec, pieces)
+    out = block.sum(axis=-3, keepdims=True) * scale
+    if cores_of is not None:
+        plan, k0 = cores_of
+        out = out[(Ellipsis, *(plan.core(j, b) for j, b in enumerate(index[k0:])))]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_map_gathered_is_gather_then_map_in_one_task(data):
+    """map_gathered equals gather_blocks followed by map_blocks, with the block assembled
+    inside the consuming task (one task per block, none holding the gathered block), a
+    delayed argument resolved, and cores=True giving only the cores, which crop back to
+    the same array."""
+    from engine.ops.tiled import map_gathered
+
+    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 30)),
+             data.draw(st.integers(1, 30)))
+    tile = tuple(data.draw(st.integers(1, 9)) for _ in range(2))
+    stride = tuple(data.draw(st.integers(1, t)) for t in tile)
+    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
+    boundary = data.draw(st.sampled_from(BOUNDARIES))
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    xs = [da.from_array(rng.random(shape, dtype=np.float32), chunks=chunks)
+          for _ in range(data.draw(st.integers(1, 3)))]
+    plan = plan_tiles(shape[1:], xs[0].chunks[1:], tile, stride)
+    scale = dask.delayed(2.0, name="scale-test")
+    ext = gather_blocks(xs, plan, boundary, "g-ref")
+    want = ext.sum(axis=1, keepdims=True) * 2.0
+    got = map_gathered(_stack_sum, xs, plan, boundary, "m-test", lead=1,
+                       meta=np.empty(0, np.float32), args=(scale,))
+    assert got.chunks == want.chunks
+    assert len(got.__dask_graph__().layers["m-test"]) == got.npartitions
+    cores = map_gathered(_stack_sum, xs, plan, boundary, "m-cores", lead=1,
+                         meta=np.empty(0, np.float32), cores=True, args=(scale,),
+                         cores_of=(plan, 1))
+    assert cores.chunks[2:] == tuple(plan.core_chunks(j) for j in range(2))
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_allclose(got.compute(), want.compute(), rtol=1e-6)
+        full = crop_blocks(want, plan, xs[0].chunks, "c-ref", squeeze=False).compute()
+        np.testing.assert_allclose(
+            crop_blocks(cores, plan, xs[0].chunks, "c-cores", squeeze=False,
+                        cores=True).compute(), full, rtol=1e-6)
+
+
+def test_map_gathered_takes_only_delayed_collections_and_keeps_annotations():
+    import pytest
+
+    from engine.ops.tiled import map_gathered
+
+    x = da.zeros((2, 64, 64), chunks=(1, 64, 64))
+    plan = plan_tiles((64, 64), x.chunks[1:], (16, 16), (8, 8))
+    with pytest.raises(TypeError, match="delayed"):
+        map_gathered(_stack_sum, [x], plan, "reflect", "m-bad", lead=1,
+                     meta=np.empty(0, np.float32), args=(x,))
+    with dask.annotate(resources={"GPU": 0.5}):
+        y = map_gathered(_stack_sum, [x], plan, "reflect", "m-ann", lead=1,
+                         meta=np.empty(0, np.float32), args=(1.0,))
+    assert y.__dask_graph__().layers["m-ann"].annotations == {"resources": {"GPU": 0.5}}

@@ -127,14 +127,16 @@ def _is_cupy(x: Any) -> bool:
 
 
 def to_device(x: Any, dev: torch.device, *, fill_value: float | None = None) -> torch.Tensor:
-    """``x`` (numpy or cupy) as a float32 tensor on ``dev``.
+    """``x`` (numpy, cupy or a torch tensor) as a float32 tensor on ``dev``.
 
     numpy input on a CUDA device: copied once into a pinned host buffer (torch's caching
     host allocator reuses them) and on to the device ``non_blocking`` on the current
     stream. cupy input stays on the device (DLPack, no host round trip). ``fill_value``
     replaces NaN, on the device.
     """
-    if _is_cupy(x):
+    if isinstance(x, torch.Tensor):  # e.g. a block assembled straight into pinned memory
+        t = x.to(dev, torch.float32, non_blocking=True)
+    elif _is_cupy(x):
         t = torch.from_dlpack(x).to(dev, torch.float32)
     elif dev.type == "cuda":
         host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)

@@ -9,8 +9,10 @@ margin of at least ``T - S``, so an edge pixel is blended from as many windows a
 interior one, and the grid tiles the padded array from its index 0. The padded array is
 cut into blocks at multiples of ``S`` near the input's chunk boundaries, each extended by
 a halo of ``ceil(T/S)*S - S`` between blocks (none at the true edges, so no window off
-the grid is ever run): one gather task per block, all channels stacked, and one crop task
-per output chunk (:mod:`engine.ops.tiled`). Inside a block the windows are cut as strided
+the grid is ever run): one inference task per block, which assembles the block with all
+its channels from the input chunks itself (no gathered block is a task result, none
+travels between workers), and one crop task per output chunk (:mod:`engine.ops.tiled`).
+Inside a block the windows are cut as strided
 views, run through the model in batches and blended with a Gaussian importance map
 (sigma = T/8, weights > 0) normalised by the summed weights in float32, one strided add
 per grid offset
@@ -28,7 +30,8 @@ per worker process into a cache keyed by its content hash (:func:`model_load_cou
 With ``device="cuda"`` the inference tasks carry ``resources={"GPU": 1/n}`` (``n`` =
 ``predict.gpu-tasks-per-gpu``): start the workers with ``--resources GPU=1`` and at least
 ``n`` threads (``--cluster local-cuda`` does), or they will never run. On a CUDA device a
-block runs there end to end (:func:`_tiles_on_device`): one pinned copy in, windows cut
+block runs there end to end (:func:`_tiles_on_device`): assembled straight into pinned
+memory, one copy in, windows cut
 by ``unfold``, forward passes, the weighted blend as strided in-place adds, one copy out.
 """
 
@@ -77,7 +80,7 @@ from engine.ml.device import (
     to_host,
     unfold_windows,
 )
-from engine.ops.tiled import crop_blocks, gather_blocks, plan_tiles
+from engine.ops.tiled import block_shape, crop_blocks, gather, map_gathered, plan_tiles
 
 __all__ = [
     "predict",
@@ -442,47 +445,57 @@ def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple
 
 
 # -- block functions ----------------------------------------------------------------------
-def _predict_tiles(*args: Any, tile: tuple[int, ...], stride: tuple[int, ...],
+def _predict_tiles(spec: tuple, index: tuple[int, ...], payload: _Payload, *pieces: Any,
+                   tile: tuple[int, ...], stride: tuple[int, ...],
                    batch_size: int | None, blend: str, out_channels: int, device: str,
                    precision: str, fill_value: float | None,
-                   bounds: tuple[tuple[int, ...], ...] = (),
-                   real: tuple[tuple[int, int], ...] = (),
-                   block_id: tuple[int, ...] | None = None) -> Any:
-    """One halo-extended block ``(*others, C, *ext)`` (all channels, float32, from
-    :func:`engine.ops.tiled.gather_blocks`) and the model -> ``(*others, out, *ext)``.
+                   bounds: tuple[tuple[int, ...], ...], real: tuple[tuple[int, int], ...],
+                   depth: tuple[int, ...]) -> Any:
+    """One halo-extended block and the model -> its core ``(*others, out, *core)``.
 
-    Local index 0 of the block is a grid point (block boundaries are multiples of the
-    stride in the padded array), so the block runs every full window of its local grid.
-    ``bounds`` (block boundaries of the padded array) and ``real`` (the array's
-    ``[start, stop)`` in it) only count the real pixels of the block's core for the meter.
+    The block ``(*others, C, *ext)`` (all channels, float32) is assembled here from the
+    input chunks ``pieces`` by :func:`engine.ops.tiled.gather` (the ``spec``): into this
+    thread's reused buffer on the host, or into pinned memory on its way to a CUDA device
+    (one copy from the chunks to the device, through the pinned buffer). Local index 0 of
+    the block is a grid point (block boundaries are multiples of the stride in the padded
+    array), so the block runs every full window of its local grid. ``bounds`` (block
+    boundaries of the padded array) and ``depth`` (the halo) place the block's core in
+    it: only the core is returned (the halo's blend is incomplete, and never stored);
+    ``real`` (the array's ``[start, stop)``) counts the core's real pixels for the meter.
     On a CUDA device the whole block runs there (:func:`_tiles_on_device`).
     """
     t0 = time.perf_counter()
-    block, payload = args
     k = len(tile)
-    others, n_in, ext = block.shape[:-k - 1], block.shape[-k - 1], tuple(block.shape[-k:])
+    shape = block_shape(spec, pieces)
+    others, n_in, ext = shape[:-k - 1], shape[-k - 1], shape[-k:]
     m_count = math.prod(others)
-    block = block.reshape(m_count, n_in, *ext)
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
+    at = index[len(index) - k:]
+    core = tuple(slice(b[i] - max(0, b[i] - d), b[i + 1] - max(0, b[i] - d))
+                 for b, d, i in zip(bounds, depth, at, strict=True))
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
+    xp = _namespace(pieces[0])
+    block: Any
+    if dev.type == "cuda" and xp is np:
+        block = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        gather(spec, pieces, out=block.numpy())
+    else:
+        block = gather(spec, pieces, out=_scratch(xp, "block", shape))
+    block = block.reshape(m_count, n_in, *ext)
     run = _tiles_on_device if dev.type == "cuda" else _tiles_on_host
     with block_lock, torch.inference_mode():
         out = run(block, model, payload.digest, dev, step_lock, tile=tile, stride=stride,
-                  counts=counts, batch_size=batch_size, blend=blend,
+                  counts=counts, core=core, batch_size=batch_size, blend=blend,
                   out_channels=out_channels, precision=precision, fill_value=fill_value)
     pixels = m_count
-    if block_id is not None and bounds:
-        at = block_id[len(block_id) - k:]
-        for b, (lo, hi), i in zip(bounds, real, at, strict=True):
-            pixels *= max(0, min(b[i + 1], hi) - max(b[i], lo))
-    else:
-        pixels *= math.prod(ext)
+    for b, (lo, hi), i in zip(bounds, real, at, strict=True):
+        pixels *= max(0, min(b[i + 1], hi) - max(b[i], lo))
     meter.record("predict", items=m_count * math.prod(counts), pixels=pixels,
-                 bytes_read=int(block.nbytes),
+                 bytes_read=4 * math.prod(shape),
                  seconds=time.perf_counter() - t0, gpu=_gpu_name(dev))
-    return out.reshape(*others, out_channels, *ext)
+    return out.reshape(*others, out_channels, *out.shape[2:])
 
 
 def _check_out(out: Any, n: int, out_channels: int, tile: tuple[int, ...]) -> Any:
@@ -495,15 +508,43 @@ def _check_out(out: Any, n: int, out_channels: int, tile: tuple[int, ...]) -> An
     return out
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(xp: Any, slot: str, shape: tuple[int, ...]) -> Any:
+    """A float32 work array of ``shape``, reused by this thread from block to block.
+
+    A fresh numpy array of megabytes is fresh pages: the first write to each 4 kB page
+    faults, which costs more than the copy into it (a 576 x 576 accumulator: 0.85 ms of
+    faults on a 2-core VM, 0.05 ms of zeroing reused). A thread keeps its buffers while
+    together they stay within ``predict.scratch-mib`` (the rest are allocated per
+    block); cupy has its own pool.
+    """
+    if xp is not np:
+        return xp.empty(shape, xp.float32)
+    n = math.prod(shape)
+    bufs: dict[str, np.ndarray] = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, np.float32)
+        kept = sum(b.nbytes for k, b in bufs.items() if k != slot)
+        if kept + buf.nbytes <= 2**20 * float(config.get("predict.scratch-mib")):
+            bufs[slot] = buf
+    return buf[:n].reshape(shape)
+
+
 def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
                    step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
-                   counts: tuple[int, ...], batch_size: int | None, blend: str,
+                   counts: tuple[int, ...], core: tuple[slice, ...],
+                   batch_size: int | None, blend: str,
                    out_channels: int, precision: str, fill_value: float | None) -> Any:
     """The block on the host (numpy, or cupy blocks with a CPU model): windows cut as
     strided views in slabs of whole window rows, one copy per slab, batches through the
     model, weighted, and added with one strided add per grid offset class
-    (:func:`~engine.kernels.windows.overlap_add`). Python loops over slabs and batches,
-    never over windows; memory holds one slab's windows, not the block's."""
+    (:func:`~engine.kernels.windows.overlap_add`) into this thread's reused accumulator;
+    the ``core`` divided by the summed weights is the one fresh array (x is the caller's
+    own buffer, NaN filled in place). Python loops over slabs and batches, never over
+    windows; memory holds one slab's windows, not the block's."""
     from engine.kernels.windows import window_view
 
     xp = _namespace(x)
@@ -511,35 +552,39 @@ def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
     m_count, n_in, ext = x.shape[0], x.shape[1], tuple(x.shape[2:])
     bs = int(batch_size or config.get("predict.tile-batch-size"))
     if fill_value is not None:
-        x = xp.where(xp.isnan(x), xp.float32(fill_value), x)
+        x[xp.isnan(x)] = xp.float32(fill_value)
     win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
     weights = gaussian_weights(tile) if blend == "gaussian" else None
     if weights is not None and xp is not np:
         weights = xp.asarray(weights)
-    acc = xp.zeros((m_count, out_channels, *ext), xp.float32)
+    acc = _scratch(xp, "acc", (m_count, out_channels, *ext))
+    acc[...] = 0
     rest = math.prod(counts[1:])
     rows = max(1, min(counts[0], -(-max(bs, _SLAB_WINDOWS) // max(rest, 1))))
     for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
         r = min(rows, counts[0] - i0)
         # (C, r, *rest_counts, *tile) view -> (r, *rest_counts, C, *tile), one copy
-        cut = xp.empty((r, *counts[1:], n_in, *tile), xp.float32)
+        cut = _scratch(xp, "cut", (r, *counts[1:], n_in, *tile))
         cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
         cut = cut.reshape(r * rest, n_in, *tile)
-        preds = xp.empty((r * rest, out_channels, *tile), xp.float32)
+        preds = _scratch(xp, "preds", (r * rest, out_channels, *tile))
         for b0 in range(0, r * rest, bs):
             batch = cut[b0:b0 + bs]
             with step_lock, _autocast(dev, precision):
                 out = _check_out(_forward(model, batch, dev, xp), len(batch), out_channels,
                                  tile)
-            if weights is not None:
-                out *= weights
-            preds[b0:b0 + len(batch)] = out
+            # weighted straight into the slab's buffer: one pass over the output
+            if weights is None:
+                preds[b0:b0 + len(batch)] = out
+            else:
+                xp.multiply(out, weights, out=preds[b0:b0 + len(batch)])
         # (r*rest, O, *tile) -> (O, r, *rest_counts, *tile), added at row i0
         preds = xp.moveaxis(preds.reshape(r, *counts[1:], out_channels, *tile), k, 0)
         overlap_add(acc[m, :, i0 * stride[0]:], preds, stride)
-    wsum = _block_weight_sum(ext, tile, stride, blend)
-    acc /= wsum if xp is np else xp.asarray(wsum)
-    return acc
+    # the core only, divided by the summed weights into the one fresh array of the block
+    wsum = _block_weight_sum(ext, tile, stride, blend)[core]
+    cut_acc = acc[(slice(None), slice(None), *core)]
+    return xp.divide(cut_acc, wsum if xp is np else xp.asarray(wsum))
 
 
 _DEVICE_SLAB = 8192  # windows cut at once on a GPU (one gather; ~100 MB for 3x64x64)
@@ -562,16 +607,18 @@ def _device_const(key: tuple, make: Callable[[], np.ndarray], dev: torch.device)
 
 def _tiles_on_device(block: Any, model: nn.Module, digest: str, dev: torch.device,
                      step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
-                     counts: tuple[int, ...], batch_size: int | None, blend: str,
+                     counts: tuple[int, ...], core: tuple[slice, ...],
+                     batch_size: int | None, blend: str,
                      out_channels: int, precision: str, fill_value: float | None) -> Any:
     """The whole block on a CUDA device, on this thread's own stream.
 
     One host->device copy (pinned, ``non_blocking``; cupy blocks are already there),
     windows cut on the device as an unfolded view (one gather per slab), forward passes,
     the Gaussian weighting and the blend as strided in-place adds of the weighted windows
-    (:func:`engine.ml.device.fold_add`) into a device accumulator, the division by the
-    summed weights, and one copy back (none for cupy). The forward passes of other
-    threads' blocks, their copies and their host work overlap this one.
+    (:func:`engine.ml.device.fold_add`) into a device accumulator, the ``core``'s
+    division by the summed weights, and one copy back of the core (none for cupy). The
+    forward passes of other threads' blocks, their copies and their host work overlap
+    this one.
     """
     k = len(tile)
     m_count, n_in, ext = block.shape[0], block.shape[1], tuple(block.shape[2:])
@@ -607,8 +654,8 @@ def _tiles_on_device(block: Any, model: nn.Module, digest: str, dev: torch.devic
                          stride)
         wsum = _device_const(("wsum", ext, tile, stride, blend),
                              lambda: _block_weight_sum(ext, tile, stride, blend), dev)
-        acc /= wsum
-        return to_host(acc, like=block)
+        core_acc = acc[(slice(None), slice(None), *core)] / wsum[core]
+        return to_host(core_acc, like=block)
 
 
 def _predict_points(*args: Any, batch_size: int, out_channels: int, device: str,
@@ -842,22 +889,21 @@ def predict(
         # blocks cut at multiples of the stride near the input's chunk boundaries
         plan = plan_tiles(xs[0].shape[k0:], in_chunks[k0:], size, stride)
         params = {"tile": size, "stride": stride, "batch_size": bs, "blend": blend,
-                  "bounds": plan.bounds, "real": plan.real, **common}
+                  "bounds": plan.bounds, "real": plan.real, "depth": plan.depth, **common}
         token = dask.base.tokenize("tiles", [x.name for x in xs], in_chunks, payload.digest,
                                    str(boundary), type(boundary).__name__,
                                    sorted(params.items()))
         # one task per padded, halo-extended block with all channels (engine.ops.tiled):
         # the padded array holds the whole grid from its index 0, so no off-grid window
         # is ever run, and halos exist only between blocks
-        ext = gather_blocks(xs, plan, boundary, f"windows-{token}")
-        chunks = ext.chunks[:k0] + ((out_channels,),) + ext.chunks[k0 + 1:]
         with annotate:
-            y = da.map_blocks(_predict_tiles, ext, payload_key, chunks=chunks,
-                              dtype=np.float32, meta=xp.empty((0,) * len(chunks), np.float32),
-                              name=f"predict-tiles-{token}", **params)
+            y = map_gathered(_predict_tiles, xs, plan, boundary, f"predict-tiles-{token}",
+                             lead=out_channels, meta=xp.empty(0, np.float32), cores=True,
+                             args=(payload_key,), **params)
         # the blocks' cores, cut back to the input's chunking (one task per chunk), so the
         # output writes and merges next to its input
-        y = crop_blocks(y, plan, in_chunks, f"crop-{token}", squeeze=out_channels == 1)
+        y = crop_blocks(y, plan, in_chunks, f"crop-{token}", squeeze=out_channels == 1,
+                        cores=True)
         out_dims = others + ([CHANNEL_DIM] if out_channels > 1 else []) + tile_dims
         attrs["engine_predict"] = (f"tile={dict(zip(tile_dims, size, strict=True))} stride="
                                    f"{dict(zip(tile_dims, stride, strict=True))} blend={blend} "

@@ -5,31 +5,36 @@ sides (:func:`engine.kernels.windows.grid_padding`). Its blocks are the padded a
 at multiples of the stride, each extended by the blend halo. Built from ``da.pad``,
 ``rechunk`` and ``da.overlap`` that took about a hundred tasks per block (pad pieces,
 rechunk merges, halo slices and concatenations, per channel). Here each extended block
-is ONE task (:func:`gather_blocks`): it reads the input chunks its padded range maps to
-(reflect / nearest / constant padding is index arithmetic, :func:`padded_source_index`),
-cuts and stacks all channels; and each output chunk, in the input's chunking, is ONE task
-(:func:`crop_blocks`) that takes the cores of the predicted blocks it overlaps. The
-scheduler sees ~3 tasks per block instead of ~100, and no chunk is copied more than
-twice on the way to the model.
+is assembled by ONE call (:func:`gather`): it reads the input chunks its padded range maps
+to (reflect / nearest / constant padding is index arithmetic, :func:`padded_source_index`),
+cuts and stacks all channels. :func:`map_gathered` runs that assembly inside the task that
+consumes the block (predict's inference), :func:`gather_blocks` as a task of its own; and
+each output chunk, in the input's chunking, is ONE task (:func:`crop_blocks`) that takes
+the cores of the predicted blocks it overlaps. The scheduler sees 2 tasks per block
+instead of ~100, and no chunk is copied more than twice on the way to the model.
 
 No torch here: plain numpy/cupy and dask graphs.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
 import numpy as np
+from dask.base import is_dask_collection
+from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from engine.kernels.windows import GridPadding, blend_depth, grid_padding, pad_kwargs
 
-__all__ = ["TiledPlan", "plan_tiles", "padded_source_index", "gather_blocks", "crop_blocks"]
+__all__ = ["TiledPlan", "plan_tiles", "padded_source_index", "block_sources", "block_shape",
+           "gather", "gather_blocks", "map_gathered", "crop_blocks"]
 
 
 def padded_source_index(lo: int, hi: int, before: int, n: int, mode: str) -> np.ndarray:
@@ -84,6 +89,16 @@ class TiledPlan:
         """Padded range ``[lo, hi)`` of block ``block`` with its halo along tile ``axis``."""
         b, d = self.bounds[axis], self.depth[axis]
         return max(0, b[block] - d), min(b[-1], b[block + 1] + d)
+
+    def core(self, axis: int, block: int) -> slice:
+        """Block ``block``'s core (between its boundaries) in the local index of its
+        halo-extended range along tile ``axis``."""
+        lo = self.extent(axis, block)[0]
+        b = self.bounds[axis]
+        return slice(b[block] - lo, b[block + 1] - lo)
+
+    def core_chunks(self, axis: int) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.diff(self.bounds[axis]))
 
     def ext_chunks(self, axis: int) -> tuple[int, ...]:
         n = len(self.bounds[axis]) - 1
@@ -178,16 +193,24 @@ def _src_slice(start: int, length: int, step: int) -> slice:
     return slice(start, stop if stop >= 0 else None, -1)
 
 
-def _gather(spec: tuple, *pieces: Any) -> Any:
+def block_shape(spec: tuple, pieces: Sequence[Any]) -> tuple[int, ...]:
+    """Shape ``(*others, C, *ext)`` of the block a gather ``spec`` makes of ``pieces``."""
+    n_channels, grid, k0, _runs_, ext, _const = spec
+    return (*pieces[0].shape[:k0], n_channels, *ext)
+
+
+def gather(spec: tuple, pieces: Sequence[Any], out: Any = None) -> Any:
     """One halo-extended padded block with every channel: ``(*others, C, *ext)``, filled
     by one slice copy per run of the padding's index map (a reflection is a reversed
-    slice): every pixel is written once, straight into the output."""
+    slice): every pixel is written once, straight into ``out`` (a new float32 array of
+    :func:`block_shape` when None; a reused or pinned buffer lets the caller skip the
+    page faults of fresh memory, or a second copy on the way to a device)."""
     n_channels, grid, k0, runs, ext, const = spec
     per = len(pieces) // n_channels
     xp = _namespace(pieces[0])
     axes = tuple(range(k0, k0 + len(grid)))
-    others = pieces[0].shape[:k0]
-    out = xp.empty((*others, n_channels, *ext), dtype=xp.float32)
+    if out is None:
+        out = xp.empty(block_shape(spec, pieces), dtype=xp.float32)
     for c in range(n_channels):
         x = _assemble(pieces[c * per:(c + 1) * per], grid, axes)
         for combo in itertools.product(*runs):
@@ -200,9 +223,15 @@ def _gather(spec: tuple, *pieces: Any) -> Any:
     return out
 
 
-def gather_blocks(xs: Sequence[da.Array], plan: TiledPlan, boundary: Any, name: str) -> da.Array:
-    """Halo-extended padded blocks of the channels ``xs`` (same shape and chunks,
-    ``(*others, *tile_axes)``), stacked: a ``(*others, C, *ext)`` array, one task each."""
+def _gather(spec: tuple, *pieces: Any) -> Any:
+    return gather(spec, pieces)
+
+
+def block_sources(xs: Sequence[da.Array], plan: TiledPlan, boundary: Any
+                  ) -> Iterator[tuple[tuple[int, ...], tuple, list[tuple]]]:
+    """Per halo-extended block of the channels ``xs`` (same shape and chunks,
+    ``(*others, *tile_axes)``): its block index ``(*others, *tile_blocks)``, the
+    :func:`gather` spec, and the keys of the input chunks it reads (channel-major)."""
     k = len(plan.tile)
     x0 = xs[0]
     k0 = x0.ndim - k
@@ -211,29 +240,73 @@ def gather_blocks(xs: Sequence[da.Array], plan: TiledPlan, boundary: Any, name: 
     const = float(kw.get("constant_values", 0.0))
     cums = [np.cumsum((0,) + tuple(c)) for c in x0.chunks[k0:]]
     nblocks = [len(b) - 1 for b in plan.bounds]
-    layer: dict = {}
+    per_block = []  # the tile axes' part of each block, the same for every other index
+    for bidx in itertools.product(*(range(n) for n in nblocks)):
+        runs, ranges = [], []
+        for j, b in enumerate(bidx):
+            lo, hi = plan.extent(j, b)
+            src = padded_source_index(lo, hi, plan.pads[j].before, plan.shape[j], mode)
+            valid = src[src >= 0]
+            if valid.size == 0:  # only constant padding: read one chunk, replace all
+                valid = np.zeros(1, np.int64)
+            c0, c1 = _chunk_range(cums[j], int(valid.min()), int(valid.max()) + 1)
+            ranges.append(range(c0, c1))
+            base = int(cums[j][c0])
+            runs.append(_runs(np.where(src >= 0, src - base, -1)))
+        ext = tuple(plan.extent(j, b)[1] - plan.extent(j, b)[0] for j, b in enumerate(bidx))
+        spec = (len(xs), tuple(len(r) for r in ranges), k0, tuple(runs), ext, const)
+        per_block.append((bidx, spec, list(itertools.product(*ranges))))
     for o in itertools.product(*(range(len(c)) for c in x0.chunks[:k0])):
-        for bidx in itertools.product(*(range(n) for n in nblocks)):
-            runs, ranges = [], []
-            for j, b in enumerate(bidx):
-                lo, hi = plan.extent(j, b)
-                src = padded_source_index(lo, hi, plan.pads[j].before, plan.shape[j], mode)
-                valid = src[src >= 0]
-                if valid.size == 0:  # only constant padding: read one chunk, replace all
-                    valid = np.zeros(1, np.int64)
-                c0, c1 = _chunk_range(cums[j], int(valid.min()), int(valid.max()) + 1)
-                ranges.append(range(c0, c1))
-                base = int(cums[j][c0])
-                runs.append(_runs(np.where(src >= 0, src - base, -1)))
-            keys = [(x.name, *o, *t) for x in xs for t in itertools.product(*ranges)]
-            ext = tuple(plan.extent(j, b)[1] - plan.extent(j, b)[0]
-                        for j, b in enumerate(bidx))
-            spec = (len(xs), tuple(len(r) for r in ranges), k0, tuple(runs), ext, const)
-            layer[(name, *o, 0, *bidx)] = (_gather, spec, *keys)
-    chunks = x0.chunks[:k0] + ((len(xs),),) + tuple(plan.ext_chunks(j) for j in range(k))
+        for bidx, spec, tiles in per_block:
+            yield (*o, *bidx), spec, [(x.name, *o, *t) for x in xs for t in tiles]
+
+
+def _ext_chunks(xs: Sequence[da.Array], plan: TiledPlan, lead: int,
+                cores: bool = False) -> tuple:
+    k0 = xs[0].ndim - len(plan.tile)
+    per_axis = plan.core_chunks if cores else plan.ext_chunks
+    return xs[0].chunks[:k0] + ((lead,),) + tuple(per_axis(j) for j in range(len(plan.tile)))
+
+
+def gather_blocks(xs: Sequence[da.Array], plan: TiledPlan, boundary: Any, name: str) -> da.Array:
+    """Halo-extended padded blocks of the channels ``xs`` (same shape and chunks,
+    ``(*others, *tile_axes)``), stacked: a ``(*others, C, *ext)`` array, one task each."""
+    k0 = xs[0].ndim - len(plan.tile)
+    layer = {(name, *idx[:k0], 0, *idx[k0:]): (_gather, spec, *keys)
+             for idx, spec, keys in block_sources(xs, plan, boundary)}
     graph = HighLevelGraph.from_collections(name, layer, dependencies=list(xs))  # type: ignore[arg-type]
+    x0 = xs[0]
     meta = x0._meta.astype(np.float32) if hasattr(x0._meta, "astype") else x0._meta
-    return da.Array(graph, name, chunks, meta=meta.reshape((0,) * (x0.ndim + 1)))
+    return da.Array(graph, name, _ext_chunks(xs, plan, len(xs)),
+                    meta=meta.reshape((0,) * (x0.ndim + 1)))
+
+
+def map_gathered(func: Callable[..., Any], xs: Sequence[da.Array], plan: TiledPlan,
+                 boundary: Any, name: str, *, lead: int, meta: Any, cores: bool = False,
+                 args: Sequence[Any] = (), **kwargs: Any) -> da.Array:
+    """``func`` on every halo-extended block without materialising the block as a task.
+
+    One task per block calls ``func(spec, index, *args, *pieces, **kwargs)`` with the
+    :func:`gather` spec, the block index ``(*others, *tile_blocks)``, ``args`` (dask
+    delayed objects among them become their values) and the input chunks, and returns
+    ``(*others, lead, *ext)``, or only the block's core (``cores=True``: the ext range
+    cut by :meth:`TiledPlan.core`, so halos never become task results). The gathered
+    block is never a task result, so it is not held in dask's memory, never sent between
+    workers, and can be assembled straight into a reused or pinned buffer; the graph has
+    one task per block fewer than ``gather_blocks`` followed by ``map_blocks``.
+    Annotations in effect apply to its tasks.
+    """
+    k0 = xs[0].ndim - len(plan.tile)
+    deps = [a for a in args if is_dask_collection(a)]
+    vals = [a.key if isinstance(a, Delayed) else a for a in args]
+    if any(is_dask_collection(a) and not isinstance(a, Delayed) for a in args):
+        raise TypeError("map_gathered: only dask.delayed objects may be passed in args")
+    call = functools.partial(func, **kwargs)
+    layer = {(name, *idx[:k0], 0, *idx[k0:]): (call, spec, idx, *vals, *keys)
+             for idx, spec, keys in block_sources(xs, plan, boundary)}
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[*xs, *deps])  # type: ignore[arg-type,list-item]
+    return da.Array(graph, name, _ext_chunks(xs, plan, lead, cores),
+                    meta=meta.reshape((0,) * (xs[0].ndim + 1)))
 
 
 def _crop(spec: tuple, *pieces: Any) -> Any:
@@ -247,10 +320,11 @@ def _crop(spec: tuple, *pieces: Any) -> Any:
 
 
 def crop_blocks(y: da.Array, plan: TiledPlan, in_chunks: Sequence[Sequence[int]], name: str,
-                squeeze: bool) -> da.Array:
-    """The predicted blocks ``y`` (``(*others, O, *ext)``) cropped to their cores and cut
-    to the input's chunks ``in_chunks`` (of ``(*others, *tile_axes)``), one task per
-    output chunk; ``squeeze`` drops the channel axis (one output channel)."""
+                squeeze: bool, cores: bool = False) -> da.Array:
+    """The predicted blocks ``y`` (``(*others, O, *ext)``, or their cores already when
+    ``cores``) cropped to their cores and cut to the input's chunks ``in_chunks`` (of
+    ``(*others, *tile_axes)``), one task per output chunk; ``squeeze`` drops the channel
+    axis (one output channel)."""
     k = len(plan.tile)
     k0 = len(in_chunks) - k
     layer: dict = {}
@@ -266,7 +340,7 @@ def crop_blocks(y: da.Array, plan: TiledPlan, in_chunks: Sequence[Sequence[int]]
                 blocks.append(range(b0, b1))
                 axis_cuts = []
                 for b in range(b0, b1):
-                    ext_lo = plan.extent(j, b)[0]
+                    ext_lo = bnd[b] if cores else plan.extent(j, b)[0]
                     a, z = max(lo, bnd[b]), min(hi, bnd[b + 1])
                     axis_cuts.append((a - ext_lo, z - ext_lo))
                 cuts.append(axis_cuts)
