@@ -11,6 +11,13 @@
     remainder of each image in a smaller one). One chunk per image, so predict runs
     exactly the global grid; with smaller chunks the windows shared by two blocks' halos
     run twice.
+``predict, no-op model`` / ``bare numpy``
+    the engine's own per-tile cost on one thread (a model that returns its first input
+    channel, batches of 256, the synchronous scheduler) against the same memory work in
+    bare numpy on images padded in memory beforehand (windows copied into batches,
+    weighted, overlap-added, the core divided): ``host_ceiling_vs_floor`` is the share
+    of the bare loop's speed the engine keeps. ``python -m benchmarks.noop_ceiling``
+    compares the no-op ceiling of this checkout with another revision's.
 ``predict (pointwise)`` / ``model loop (pointwise)``
     the per-pixel path of the gap-filling job: an MLP on every pixel vs the same MLP
     on a pre-stacked ``(pixels, features)`` array in batches of the same size.
@@ -71,6 +78,41 @@ def _against(run_predict, loop, repeats: int) -> tuple[float, float, float, floa
     return t_predict, t_loop, ratio, t_main
 
 
+def _bare_floor(ds, tile: int, stride: int, batch: int):
+    """The same per-tile memory work as predict with a no-op model, in bare numpy on
+    images already padded in memory: windows copied into batches, the first channel
+    weighted into a window buffer, overlap-added, the core divided into a fresh array.
+    No dask, no gather, no model plumbing: the floor the engine's own cost is held to."""
+    from engine.kernels.windows import gaussian_weights, overlap_add, window_view
+
+    h, w = ds.sizes["lat"], ds.sizes["lon"]
+    ph, pw = grid_padding(h, tile, stride), grid_padding(w, tile, stride)
+    cube = np.stack([ds[v].values for v in VARIABLES], axis=1)
+    images = [np.pad(x, ((0, 0), (ph.before, ph.after), (pw.before, pw.after)),
+                     mode="reflect") for x in cube]
+    weights = gaussian_weights((tile, tile))
+    n0, n1 = ph.windows, pw.windows
+    cut = np.empty((n0 * n1, len(VARIABLES), tile, tile), np.float32)
+    preds = np.empty((n0 * n1, 1, tile, tile), np.float32)
+    acc = np.empty((1, *images[0].shape[1:]), np.float32)
+    wsum = np.zeros(images[0].shape[1:], np.float32)
+    overlap_add(wsum, np.broadcast_to(weights, (n0, n1, tile, tile)), (stride, stride))
+    core = (slice(ph.before, ph.before + h), slice(pw.before, pw.before + w))
+
+    def loop() -> None:
+        for img in images:
+            win = window_view(img, (1, 2), (tile, tile), (stride, stride))
+            cut.reshape(n0, n1, len(VARIABLES), tile, tile)[...] = np.moveaxis(win, 0, 2)
+            for b0 in range(0, len(cut), batch):
+                np.multiply(cut[b0:b0 + batch, :1], weights, out=preds[b0:b0 + batch])
+            acc[...] = 0
+            overlap_add(acc, np.moveaxis(preds.reshape(n0, n1, 1, tile, tile), 2, 0),
+                        (stride, stride))
+            np.divide(acc[(slice(None), *core)], wsum[core])
+
+    return loop
+
+
 def _bench_tiled(cfg: dict) -> dict[str, Any]:
     t, h, w = cfg["shape"]
     tile, batch, reps = cfg["tile"], cfg["batch"], cfg["repeats"]
@@ -107,11 +149,15 @@ def _bench_tiled(cfg: dict) -> dict[str, Any]:
     trivial = predict(big, FirstChannel(), tile={"lat": tile, "lon": tile},
                       overlap=0.5, batch_size=256)
     trivial.data.compute(scheduler="sync")
-    t_host = timed(lambda: trivial.data.compute(scheduler="sync"), max(3, reps))[0]
+    floor = _bare_floor(big, tile, stride, 256)
+    t_host, t_floor, floor_ratio = paired(lambda: trivial.data.compute(scheduler="sync"),
+                                          floor, max(5, reps))
     big_tiles = (pt * grid_padding(ph, tile, stride).windows
                  * grid_padding(pw, tile, stride).windows)
     return {
         "host_ceiling_tiles_per_s_1thread": big_tiles / t_host,
+        "host_floor_tiles_per_s_1thread": big_tiles / t_floor,
+        "host_ceiling_vs_floor": floor_ratio,
         "host_ceiling_tiles": big_tiles,
         "cube": {"shape": cfg["shape"], "chunks": [1, h, w], "variables": len(VARIABLES)},
         "model": f"conv_net hidden={cfg['hidden']} layers={cfg['layers']} kernel=3",
@@ -180,6 +226,10 @@ def _print(res: dict[str, Any]) -> None:
           f"{t['host_ceiling_tiles'] / t['host_ceiling_tiles_per_s_1thread']:9.3f} "
           f"{t['host_ceiling_tiles_per_s_1thread']:12.1f}  "
           "(model computes nothing: the engine's own cost)")
+    print(f"{'  bare numpy, same memory work':28s} "
+          f"{t['host_ceiling_tiles'] / t['host_floor_tiles_per_s_1thread']:9.3f} "
+          f"{t['host_floor_tiles_per_s_1thread']:12.1f}  "
+          f"(no dask, pre-padded: the engine keeps {t['host_ceiling_vs_floor']:.2f} of it)")
     print(f"{'predict (pointwise)':28s} {p['predict_s']:9.3f} {p['predict_px_per_s']:12.0f}")
     print(f"{'model loop (pointwise)':28s} {p['loop_s']:9.3f} {p['loop_px_per_s']:12.0f}")
     print(f"{'  same loop, main thread':28s} {p['loop_main_thread_s']:9.3f} "

@@ -327,6 +327,63 @@ def test_bad_arguments():
         predict(ds, object())
     with pytest.raises(CubeError, match="not in the cube"):
         predict(ds, _identity_conv(), variables=["nope"])
+    for bs in (0, -1, 2.5, "8", True):  # a negative size once ran no model at all
+        for tile in (TILE, None):
+            with pytest.raises(SpecError, match="batch_size"):
+                predict(ds, _identity_conv(), tile=tile, batch_size=bs)
+    for tile in ({"lat": 8.7, "lon": 8}, {"lat": "8", "lon": 8}, ["lat", "lon"], (8, 8),
+                 {"lat": 0, "lon": 8}):
+        with pytest.raises(SpecError, match="whole number"):
+            predict(ds, _identity_conv(), tile=tile)
+    with pytest.raises(SpecError, match="out_channels"):
+        predict(ds, _identity_conv(), out_channels=0)
+    with pytest.raises(SpecError, match="channel_dim"):
+        predict(ds, _identity_conv(), channel_dim="variable")
+    yx = ds.rename({"lat": "y", "lon": "x"})
+    with pytest.raises(CubeError, match="the default tile is"):
+        predict(yx, _identity_conv())
+    with pytest.raises(CubeError, match="length 0"):
+        predict(ds.isel(lat=slice(0, 0)), _identity_conv(), tile=TILE)
+
+
+def test_a_cube_with_a_channel_dim_and_several_outputs_is_refused_not_doubled():
+    ds = synthetic_cube(SHAPE, chunks={"lat": 45}).expand_dims(channel=2)
+    with pytest.raises(CubeError, match="has a dim 'channel' already"):
+        predict(ds, _net(0, out=2), tile=TILE, out_channels=2)
+    # a scalar coordinate of that name does not become the new dim's coordinate
+    one = synthetic_cube(SHAPE, chunks={"lat": 45}).assign_coords(channel=7)
+    out = predict(one, _net(0, out=2), tile=TILE, out_channels=2)
+    assert out.sizes["channel"] == 2 and "channel" not in out.coords
+
+
+def test_model_errors_say_what_the_model_was_given():
+    class Dict(nn.Module):
+        def forward(self, x):
+            return {"out": x}
+
+    ds = synthetic_cube({"time": 1, "lat": 32, "lon": 32}, chunks={})
+    with pytest.raises(TypeError, match="returned a dict"):
+        predict(ds, Dict(), tile=TILE).compute(scheduler="sync")
+    wrong = nn.Conv2d(5, 1, 3, padding=1)  # the cube has 3 channels
+    with pytest.raises(RuntimeError) as err:
+        predict(ds, wrong, tile=TILE).compute(scheduler="sync")
+    assert ", 3, 32, 32)" in " ".join(getattr(err.value, "__notes__", []))
+
+
+def test_weights_changed_through_data_make_a_new_payload():
+    """Writes through ``p.data`` (EMA updates) do not bump ``p``'s version counter: the
+    payload cache looks at the weights' bytes."""
+    from engine.ml.registry import build_architecture
+
+    net = build_architecture("conv_net", in_channels=3, hidden=4, layers=2)
+    first = serialize_model(net)
+    next(net.parameters()).data.mul_(0.5)
+    assert serialize_model(net).digest != first.digest
+    ds = synthetic_cube({"time": 1, "lat": 32, "lon": 32}, chunks={})
+    a = predict(ds, net, tile=TILE).values
+    for p in net.parameters():
+        p.data.copy_(torch.randn_like(p))
+    assert not np.allclose(predict(ds, net, tile=TILE).values, a)
 
 
 def test_wrong_out_channels_is_a_clear_task_error():
