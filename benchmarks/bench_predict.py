@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks._common import cli, machine, paired, print_ratios, timed
+from benchmarks._common import cli, machine, paired, print_ratios
 from engine.kernels.windows import grid_padding
 from engine.ml.predict import predict
 from engine.ml.registry import build_architecture

@@ -748,7 +748,7 @@ def _inputs(obj: xr.Dataset | xr.DataArray, variables: Sequence[str] | None,
 
 def _whole(v: Any) -> bool:
     """A whole number >= 1 (not a bool, not a float with a fraction, not a string)."""
-    return (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) and v >= 1
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and bool(v >= 1)
 
 
 def _check_boundary(boundary: Any) -> None:
@@ -801,9 +801,9 @@ def predict(
     overlap
         Window overlap in ``[0, 1)``; stride ``= round(tile * (1 - overlap))``.
     batch_size
-        Windows (or pixels) per model call, a whole number >= 1. Default for tiles: on a GPU the largest
-        power of two that half the free device memory holds for the blocks in flight
-        (measured once per model), on the CPU config ``predict.tile-batch-size`` (32);
+        Windows (or pixels) per model call, a whole number >= 1. Default for tiles: on a
+        GPU the largest power of two that half the free device memory holds for the
+        blocks in flight (measured once per model), on the CPU config ``predict.tile-batch-size`` (32);
         for pixels config ``predict.batch-size``.
     blend
         ``"gaussian"`` (sigma = tile/8) or ``"mean"`` weighting of overlapping windows.
