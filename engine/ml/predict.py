@@ -803,8 +803,8 @@ def predict(
     batch_size
         Windows (or pixels) per model call, a whole number >= 1. Default for tiles: on a
         GPU the largest power of two that half the free device memory holds for the
-        blocks in flight (measured once per model), on the CPU config ``predict.tile-batch-size`` (32);
-        for pixels config ``predict.batch-size``.
+        blocks in flight (measured once per model), on the CPU config
+        ``predict.tile-batch-size`` (32); for pixels config ``predict.batch-size``.
     blend
         ``"gaussian"`` (sigma = tile/8) or ``"mean"`` weighting of overlapping windows.
     device
