@@ -25,20 +25,27 @@ def test_source_index_is_np_pad(n, before, after, mode):
     np.testing.assert_array_equal(got, want)
 
 
+def _case(data, longest: int, largest_tile: int) -> tuple:
+    """A random (time, y, x) case: shape, 2-D tile and stride, chunks, boundary and 1-3
+    channels of values."""
+    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, longest)),
+             data.draw(st.integers(1, longest)))
+    tile = tuple(data.draw(st.integers(1, largest_tile)) for _ in range(2))
+    stride = tuple(data.draw(st.integers(1, t)) for t in tile)
+    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
+    boundary = data.draw(st.sampled_from(BOUNDARIES))
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    values = [rng.random(shape, dtype=np.float32) for _ in range(data.draw(st.integers(1, 3)))]
+    return shape, tile, stride, chunks, boundary, values
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_gathered_blocks_are_the_padded_array_cut_with_halos(data):
     """Every gathered block equals the same range of the array padded by np.pad, for
     random shapes, chunkings, tiles, strides and boundaries; cropping the blocks' cores
     gives back the input's chunking."""
-    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 40)),
-             data.draw(st.integers(1, 40)))
-    tile = tuple(data.draw(st.integers(1, 12)) for _ in range(2))
-    stride = tuple(data.draw(st.integers(1, t)) for t in tile)
-    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
-    boundary = data.draw(st.sampled_from(BOUNDARIES))
-    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
-    values = [rng.random(shape, dtype=np.float32) for _ in range(data.draw(st.integers(1, 3)))]
+    shape, tile, stride, chunks, boundary, values = _case(data, 40, 12)
     xs = [da.from_array(v, chunks=chunks) for v in values]
     plan = plan_tiles(shape[1:], xs[0].chunks[1:], tile, stride)
     pads = [(0, 0)] + [(p.before, p.after) for p in plan.pads]
@@ -89,15 +96,8 @@ def test_map_gathered_is_gather_then_map_in_one_task(data):
     the same array."""
     from engine.ops.tiled import map_gathered
 
-    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 30)),
-             data.draw(st.integers(1, 30)))
-    tile = tuple(data.draw(st.integers(1, 9)) for _ in range(2))
-    stride = tuple(data.draw(st.integers(1, t)) for t in tile)
-    chunks = tuple(data.draw(st.integers(1, n)) for n in shape)
-    boundary = data.draw(st.sampled_from(BOUNDARIES))
-    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
-    xs = [da.from_array(rng.random(shape, dtype=np.float32), chunks=chunks)
-          for _ in range(data.draw(st.integers(1, 3)))]
+    shape, tile, stride, chunks, boundary, values = _case(data, 30, 9)
+    xs = [da.from_array(v, chunks=chunks) for v in values]
     plan = plan_tiles(shape[1:], xs[0].chunks[1:], tile, stride)
     scale = dask.delayed(2.0, name="scale-test")
     ext = gather_blocks(xs, plan, boundary, "g-ref")
