@@ -18,6 +18,7 @@ __all__ = [
     "ResumeError",
     "MissingExtraError",
     "RegionFailedError",
+    "TrainingError",
 ]
 
 
@@ -66,6 +67,11 @@ class MissingExtraError(EngineError, ImportError):
 
 class RegionFailedError(EngineError, RuntimeError):
     """A region of an output store failed to compute or write every time it was tried."""
+
+
+class TrainingError(EngineError, FloatingPointError):
+    """Training cannot go on: its loss is not a finite number (NaN inputs or targets, or
+    a diverging run)."""
 
 
 def require(module: str, extra: str):

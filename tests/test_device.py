@@ -145,3 +145,111 @@ def test_fit_bad_arguments_are_one_line():
             fit(nn.Linear(3, 1), lambda e: [(x, y)], **args)
     with pytest.raises(SpecError, match="empty"):
         fit(nn.Linear(3, 1), lambda e: [], loss=nn.functional.mse_loss, epochs=1, device="cpu")
+    with pytest.raises(SpecError, match="validation batches are empty"):
+        fit(nn.Linear(3, 1), lambda e: [(x, y)], loss=nn.functional.mse_loss, epochs=2,
+            val=lambda: [], device="cpu")
+    with pytest.raises(SpecError, match="patience=0"):
+        fit(nn.Linear(3, 1), lambda e: [(x, y)], loss=nn.functional.mse_loss, epochs=2,
+            val=lambda: [(x, y)], patience=0, device="cpu")
+    for bad in ("gpu", "CPU", "cuda:x"):
+        with pytest.raises(SpecError, match="use auto, cpu, cuda"):
+            fit(nn.Linear(3, 1), lambda e: [(x, y)], loss=nn.functional.mse_loss, epochs=1,
+                device=bad)
+
+
+def test_nan_in_the_data_stops_training_with_one_line():
+    """A NaN target made every loss NaN, and with it the weights, silently (no epoch was
+    ever 'best'): now the first epoch says so."""
+    from engine.errors import TrainingError
+
+    x, y = _regression(32)
+    y[3] = np.nan
+    with pytest.raises(TrainingError, match="epoch 0: the training loss is nan"):
+        fit(nn.Linear(3, 1), lambda e: [(x, y)], loss=nn.functional.mse_loss, epochs=3,
+            device="cpu")
+    xv, yv = _regression(8)
+    yv[0] = np.nan
+    with pytest.raises(TrainingError, match="the validation loss is nan"):
+        fit(nn.Linear(3, 1), lambda e: [(x[:3], x[:3, :1])], loss=nn.functional.mse_loss,
+            epochs=3, val=lambda: [(xv, yv)], device="cpu")
+
+
+def test_seed_covers_numpy_and_random_in_the_batch_function():
+    import random
+
+    x, y = _regression(40)
+
+    def batches(epoch):
+        idx = np.random.permutation(len(x))
+        random.shuffle(idx)
+        return [(x[idx[i:i + 8]], y[idx[i:i + 8]]) for i in range(0, len(x), 8)]
+
+    def once():
+        torch.manual_seed(1)
+        net = nn.Linear(3, 1)
+        return [r["train_loss"] for r in fit(net, batches, loss=nn.functional.mse_loss,
+                                              epochs=3, device="cpu", seed=5).history]
+
+    assert once() == once()
+
+
+def test_an_in_place_model_does_not_change_the_callers_batches():
+    """On the CPU batches are the loop's own copies, as on a GPU (torch's DataLoader
+    never hands a model the dataset's memory either)."""
+    x, y = _regression(16)
+    x0 = x.copy()
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 1))
+    fit(model, lambda e: [(x, y)], loss=nn.functional.mse_loss, epochs=2, device="cpu")
+    np.testing.assert_array_equal(x, x0)
+    t = torch.from_numpy(x0.copy())
+    got = next(iter(DeviceLoader([(t, y)], "cpu")))[0]
+    assert not np.shares_memory(got.numpy(), t.numpy())
+
+
+def test_fold_add_without_windows_and_with_a_bad_stride():
+    fold_add(torch.zeros(3), torch.ones(0, 5), (1,))  # no window: nothing to add
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        fold_add(torch.zeros(8), torch.ones(2, 4), (0,))
+
+
+def test_leaving_the_gpu_loader_early_does_not_wait_for_a_slow_source(monkeypatch):
+    """The CUDA producer/consumer logic, its CUDA calls stubbed on the CPU: breaking out
+    while the source is inside a slow next() (a chunk being read) returns at once; the
+    producer, a daemon thread, exits when that next() returns."""
+    import contextlib
+    import threading
+    import time
+
+    import engine.ml.device as D
+
+    class Stream:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: Stream())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None, raising=False)
+    monkeypatch.setattr(D, "_pin", lambda x: x)
+    release = threading.Event()
+    batch = (np.zeros((2, 3), np.float32),)
+
+    def source():
+        yield batch
+        yield batch
+        release.wait(10)  # a slow read
+        yield batch
+
+    loader = D.DeviceLoader(source(), "cpu")._cuda()
+    next(loader)
+    t0 = time.perf_counter()
+    loader.close()
+    assert time.perf_counter() - t0 < 1.0
+    release.set()
+    producers = [t for t in threading.enumerate() if t.name == "engine-device-loader"]
+    for t in producers:
+        t.join(2)
+    assert not any(t.is_alive() for t in producers)

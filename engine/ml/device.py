@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from engine import config
+from engine.errors import SpecError
 
 __all__ = [
     "resolve_device",
@@ -64,14 +65,21 @@ _BATCH_CACHE: dict[tuple, int] = {}
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"``: the CUDA device of this process if it has one, else the CPU.
 
-    Raises a one-line ``RuntimeError`` for ``"cuda"`` where there is no CUDA device.
+    Raises a one-line ``SpecError`` for a string that names no device, and a one-line
+    ``RuntimeError`` for ``"cuda"`` (or ``"mps"``) where this process has none.
     """
     if isinstance(device, torch.device):
         dev = device
     elif device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise SpecError(f"device={device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(device)!r} but this process has no MPS device: "
+                           "use device='auto'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {str(device)!r} but this process has no CUDA device: "
@@ -195,9 +203,13 @@ def fold_add(acc: torch.Tensor, preds: torch.Tensor, stride: Sequence[int]) -> N
     if preds.ndim != lead + 2 * k or preds.shape[:lead] != acc.shape[:lead]:
         raise ValueError(f"windows of shape {tuple(preds.shape)} do not match an accumulator "
                          f"of shape {tuple(acc.shape)} with {k} window axes")
+    if min(stride) < 1:
+        raise ValueError(f"stride {tuple(stride)}: every step must be >= 1")
     for c, s, st, n in zip(counts, size, stride, acc.shape[lead:], strict=True):
         if c and (c - 1) * st + s > n:
             raise ValueError(f"{c} windows of {s} step {st} exceed axis length {n}")
+    if 0 in counts:  # no window: nothing to add (the window may not even fit in acc)
+        return
     view = unfold_windows(acc, lead, size, stride)  # (*lead, *all_counts, *size), a view
     q = [-(-s // st) for s, st in zip(size, stride, strict=True)]
     for r in itertools.product(*(range(min(qi, c)) for qi, c in zip(q, counts, strict=True))):
@@ -248,11 +260,15 @@ class _Failed:
         self.err = err
 
 
-def _as_tensor(x: Any) -> Any:
+def _as_tensor(x: Any, copy: bool = False) -> Any:
+    """numpy arrays as tensors; ``copy``: never the caller's memory (a model or loss that
+    works in place, ``ReLU(inplace=True)``, must not change the caller's arrays or a
+    patch cache, as torch's DataLoader never lets it)."""
     if isinstance(x, torch.Tensor):
-        return x
+        return x.clone() if copy and x.device.type == "cpu" else x
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.from_numpy(np.array(x, order="C", copy=True) if copy
+                                else np.ascontiguousarray(x))
     return x
 
 
@@ -268,7 +284,8 @@ class DeviceLoader:
     On a CUDA device a producer thread pulls batches from the iterable (the host work:
     reading and cutting patches) and pins them, ``prefetch`` at most ahead; the consumer
     copies batch ``i+1`` on a side stream, ``non_blocking``, while the caller computes on
-    batch ``i``. On the CPU batches are passed through as tensors, in order.
+    batch ``i``. On the CPU batches become tensors of their own (copies), in order; on
+    another device (``mps``) they are moved there.
 
     Examples
     --------
@@ -294,8 +311,11 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.device.type != "cuda":
+            dev = self.device
             for batch in self.batches:
-                yield tuple(_as_tensor(p) for p in self._parts(batch))
+                parts = (_as_tensor(p, copy=dev.type == "cpu") for p in self._parts(batch))
+                yield tuple(p.to(dev) if isinstance(p, torch.Tensor) and dev.type != "cpu"
+                            else p for p in parts)
             return
         yield from self._cuda()
 
@@ -352,7 +372,10 @@ class DeviceLoader:
             with contextlib.suppress(queue.Empty):
                 while True:
                     q.get_nowait()
-            producer.join(timeout=5)
+            # a producer waiting to put sees the stop within 0.1 s; one inside a slow
+            # next() of the source (a chunk being read) is a daemon thread that exits
+            # when that returns: the caller does not wait for it
+            producer.join(timeout=0.2)
 
 
 class GpuSampler:

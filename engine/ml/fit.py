@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.errors import SpecError
+from engine.errors import SpecError, TrainingError
 from engine.ml.device import DeviceLoader, resolve_device
 
 __all__ = ["fit", "FitResult", "evaluate_loss"]
@@ -61,11 +61,25 @@ def _loss_of(loss: Callable[..., torch.Tensor], model: nn.Module, batch: tuple) 
     return loss(out, y, *rest)
 
 
+def _finite(which: str, value: float, epoch: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"epoch {epoch}: the {which} loss is {value}: the {which} inputs or targets "
+            "hold NaN (sample with where='no-nan', or fill them), or the run diverged "
+            "(lower lr=, or set max_grad_norm=)")
+
+
 def evaluate_loss(model: nn.Module, batches: Iterable[Any], loss: Callable[..., torch.Tensor],
                   device: str | torch.device = "auto", precision: str = "fp32",
                   prefetch: int = 2) -> float:
-    """Mean of ``loss`` over ``batches`` weighted by batch size, without gradients."""
-    dev = resolve_device(device)
+    """Mean of ``loss`` over ``batches`` weighted by batch size, without gradients (NaN
+    for no batches)."""
+    return _evaluate(model, batches, loss, resolve_device(device), precision, prefetch)[0]
+
+
+def _evaluate(model: nn.Module, batches: Iterable[Any], loss: Callable[..., torch.Tensor],
+              dev: torch.device, precision: str, prefetch: int) -> tuple[float, int]:
+    """The weighted mean loss and the number of samples."""
     total = torch.zeros((), device=dev, dtype=torch.float64)
     n = 0
     was_training = model.training
@@ -79,7 +93,7 @@ def evaluate_loss(model: nn.Module, batches: Iterable[Any], loss: Callable[..., 
                 n += len(batch[0])
     finally:
         model.train(was_training)
-    return float(total) / n if n else math.nan
+    return (float(total) / n if n else math.nan), n
 
 
 def fit(
@@ -142,6 +156,9 @@ def fit(
         raise SpecError(f"epochs={epochs} must be >= 1")
     if patience is not None and val is None:
         raise SpecError("patience= stops on the validation loss: give val= batches too")
+    if patience is not None and patience < 1:
+        raise SpecError(f"patience={patience} must be >= 1 (epochs without a better "
+                        "validation loss before stopping)")
     if seed is not None:
         from engine.ml.train import seed_everything
 
@@ -181,11 +198,17 @@ def fit(
             raise SpecError(f"epoch {epoch}: the training batches are empty: check the "
                             "split and the sampling")
         train_loss = float(total) / n  # the one host sync of the epoch
+        _finite("training", train_loss, epoch)
         record = {"epoch": epoch, "train_loss": train_loss, "samples": n}
         result.samples += n
         result.input_wait_s += loader.wait_s
         if val is not None:
-            record["val_loss"] = evaluate_loss(model, val(), loss, dev, precision, prefetch)
+            record["val_loss"], n_val = _evaluate(model, val(), loss, dev, precision,
+                                                  prefetch)
+            if n_val == 0:
+                raise SpecError(f"epoch {epoch}: the validation batches are empty: check "
+                                "the split, or leave val= out")
+            _finite("validation", record["val_loss"], epoch)
             score = record["val_loss"]
         else:
             score = train_loss

@@ -202,5 +202,11 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch's generators (model initialisation, dropout) for a reproducible run."""
+    """Seed torch's generators (model initialisation, dropout) and numpy's and Python's
+    global ones (a user's batch function shuffling with ``np.random``) for a
+    reproducible run. The engine's own sampling uses seeded generators of its own."""
+    import random
+
     torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
