@@ -180,7 +180,7 @@ def test_seed_covers_numpy_and_random_in_the_batch_function():
     x, y = _regression(40)
 
     def batches(epoch):
-        idx = np.random.permutation(len(x))
+        idx = np.random.permutation(len(x))  # noqa: NPY002 (a user batch function on the global generator)
         random.shuffle(idx)
         return [(x[idx[i:i + 8]], y[idx[i:i + 8]]) for i in range(0, len(x), 8)]
 
