@@ -121,7 +121,9 @@ def fit(
         Any module; moved to ``device`` and left there.
     train
         ``epoch -> iterable of batches``; a batch is ``(x, y)`` or ``(x, y, w)`` of numpy
-        arrays or tensors (``x`` float32), or a ``PatchBatch``.
+        arrays or tensors (``x`` float32; nothing is cast). A ``PatchBatch`` from
+        ``iter_patches`` is ``(data, positions)``: split its channels into ``(x, y)``
+        first (as the segment and regress jobs do).
     loss
         ``loss(model(x), y[, w]) -> scalar tensor``.
     val
