@@ -123,7 +123,7 @@ def fit(
         ``epoch -> iterable of batches``; a batch is ``(x, y)`` or ``(x, y, w)`` of numpy
         arrays or tensors (``x`` float32; nothing is cast). A ``PatchBatch`` from
         ``iter_patches`` is ``(data, positions)``: split its channels into ``(x, y)``
-        first (as the segment and regress jobs do).
+        first (as the segment and classify jobs do).
     loss
         ``loss(model(x), y[, w]) -> scalar tensor``.
     val
