@@ -43,6 +43,48 @@ def test_fold_add_matches_the_numpy_overlap_add(data, k):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), k=st.integers(1, 3))
+def test_grid_boxes_cover_a_flat_range_exactly(data, k):
+    from engine.ml.device import grid_boxes
+
+    shape = tuple(data.draw(st.integers(1, 5)) for _ in range(k))
+    n = int(np.prod(shape))
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    seen = []
+    boxes = list(grid_boxes(lo, hi, shape))
+    for start, size in boxes:
+        idx = np.indices(size).reshape(k, -1).T + np.array(start)
+        seen += [int(np.ravel_multi_index(tuple(i), shape)) for i in idx]
+    assert seen == list(range(lo, hi))  # in order, each once
+    assert len(boxes) <= 2 * k - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), k=st.integers(1, 3))
+def test_fold_add_run_over_batches_equals_one_weighted_fold(data, k):
+    """Consecutive runs of a window grid (a model's batches, cutting rows anywhere) added
+    with weights give the weighted fold of the whole grid."""
+    from engine.ml.device import fold_add_run
+
+    size = [data.draw(st.integers(1, 5)) for _ in range(k)]
+    stride = [data.draw(st.integers(1, s)) for s in size]
+    counts = [data.draw(st.integers(1, 4)) for _ in range(k)]
+    shape = [(c - 1) * s + z for c, s, z in zip(counts, stride, size, strict=True)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    preds = torch.from_numpy(rng.random((*counts, 2, *size)).astype(np.float32))
+    w = torch.from_numpy(rng.random(size).astype(np.float32))
+    want = np.zeros((2, *shape), np.float32)  # numpy's own weighted overlap-add
+    overlap_add(want, preds.movedim(k, 0).numpy(), stride, weights=w.numpy())
+    got = torch.zeros((2, *shape))
+    flat = preds.reshape(-1, 2, *size)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(flat)), max_size=4))))
+    for a, b in zip([0, *cuts], [*cuts, len(flat)], strict=True):
+        fold_add_run(got, flat[a:b], counts, a, stride, w)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_fold_add_refuses_windows_past_the_end():
     with pytest.raises(ValueError, match="exceed"):
         fold_add(torch.zeros(5), torch.ones(3, 4), (1,))  # windows reach index 6

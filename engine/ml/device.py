@@ -51,6 +51,8 @@ __all__ = [
     "to_host",
     "unfold_windows",
     "fold_add",
+    "fold_add_run",
+    "grid_boxes",
     "auto_batch_size",
     "DeviceLoader",
     "GpuSampler",
@@ -189,13 +191,16 @@ def unfold_windows(x: torch.Tensor, first_axis: int, size: Sequence[int],
     return x
 
 
-def fold_add(acc: torch.Tensor, preds: torch.Tensor, stride: Sequence[int]) -> None:
-    """``acc[..., i*stride : i*stride+size] += preds[..., i, size]`` in place, for tensors.
+def fold_add(acc: torch.Tensor, preds: torch.Tensor, stride: Sequence[int],
+             weights: torch.Tensor | None = None) -> None:
+    """``acc[..., i*stride : i*stride+size] += w * preds[..., i, size]`` in place.
 
-    ``acc`` is ``(*lead, *spatial)``, ``preds`` ``(*lead, *counts, *size)``. Windows
-    whose numbers agree modulo ``ceil(size/stride)`` never overlap, so each offset class
-    is one in-place add through an unfolded (strided) view of ``acc``: the torch
-    counterpart of :func:`engine.kernels.windows.overlap_add`, on any device.
+    ``acc`` is ``(*lead, *spatial)``, ``preds`` ``(*lead, *counts, *size)``, ``weights``
+    (``size``, optional) multiplies every window as it is added (one fused
+    ``addcmul_``, no weighted copy). Windows whose numbers agree modulo
+    ``ceil(size/stride)`` never overlap, so each offset class is one in-place add through
+    an unfolded (strided) view of ``acc``: the torch counterpart of
+    :func:`engine.kernels.windows.overlap_add`, on any device.
     """
     k = len(stride)
     lead = acc.ndim - k
@@ -217,7 +222,61 @@ def fold_add(acc: torch.Tensor, preds: torch.Tensor, stride: Sequence[int]) -> N
                                                                                 strict=True))
         dst = (slice(None),) * lead + tuple(slice(ri, c, qi) for ri, qi, c in
                                             zip(r, q, counts, strict=True))
-        view[dst].add_(preds[src])
+        if weights is None:
+            view[dst].add_(preds[src])
+        else:
+            view[dst].addcmul_(preds[src], weights)
+
+
+def grid_boxes(lo: int, hi: int, shape: Sequence[int]
+               ) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The flat range ``[lo, hi)`` of a C-ordered grid of ``shape`` as boxes
+    ``(start, size)``: a partial first row, whole rows, a partial last row (recursively
+    along the inner axes), at most ``2 * len(shape) - 1`` of them.
+
+    Examples
+    --------
+    >>> list(grid_boxes(3, 11, (3, 4)))
+    [((0, 3), (1, 1)), ((1, 0), (1, 4)), ((2, 0), (1, 3))]
+    """
+    if lo >= hi:
+        return
+    if len(shape) == 1:
+        yield (lo,), (hi - lo,)
+        return
+    inner = math.prod(shape[1:])
+    a0, r0 = divmod(lo, inner)
+    a1, r1 = divmod(hi, inner)
+    if a0 == a1:
+        for s, n in grid_boxes(r0, r1, shape[1:]):
+            yield (a0, *s), (1, *n)
+        return
+    if r0:
+        for s, n in grid_boxes(r0, inner, shape[1:]):
+            yield (a0, *s), (1, *n)
+        a0 += 1
+    if a1 > a0:
+        yield (a0, *(0,) * (len(shape) - 1)), (a1 - a0, *shape[1:])
+    if r1:
+        for s, n in grid_boxes(0, r1, shape[1:]):
+            yield (a1, *s), (1, *n)
+
+
+def fold_add_run(acc: torch.Tensor, preds: torch.Tensor, grid: Sequence[int], first: int,
+                 stride: Sequence[int], weights: torch.Tensor | None = None) -> None:
+    """Add windows ``first .. first + len(preds)`` (C order) of a window grid of shape
+    ``grid`` into ``acc`` (``(O, *spatial)``; window ``i`` at ``i * stride``), weighted:
+    ``preds`` is ``(n, O, *size)``, a model's output for consecutive windows of the grid,
+    split into :func:`grid_boxes` and added by :func:`fold_add` straight from it (no
+    buffer of the windows' predictions, no weighted copy)."""
+    k = len(grid)
+    n_out, size = preds.shape[1], tuple(preds.shape[2:])
+    for start, box in grid_boxes(first, first + len(preds), grid):
+        j0 = int(np.ravel_multi_index(start, tuple(grid))) - first
+        part = preds[j0:j0 + math.prod(box)].reshape(*box, n_out, *size).movedim(k, 0)
+        at = (slice(None),) + tuple(slice(s * st, None) for s, st in zip(start, stride,
+                                                                          strict=True))
+        fold_add(acc[at], part, stride, weights)
 
 
 def auto_batch_size(model: torch.nn.Module, sample_shape: Sequence[int], dev: torch.device,

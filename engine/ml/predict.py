@@ -12,11 +12,11 @@ a halo of ``ceil(T/S)*S - S`` between blocks (none at the true edges, so no wind
 the grid is ever run): one inference task per block, which assembles the block with all
 its channels from the input chunks itself (no gathered block is a task result, none
 travels between workers), and one crop task per output chunk (:mod:`engine.ops.tiled`).
-Inside a block the windows are cut as strided
-views, run through the model in batches and blended with a Gaussian importance map
-(sigma = T/8, weights > 0) normalised by the summed weights in float32, one strided add
-per grid offset
-(:func:`engine.kernels.windows.overlap_add`). Every window that covers a pixel lies
+Inside a block the windows are cut as strided views, run through the model in batches,
+and each batch's output is blended with a Gaussian importance map (sigma = T/8,
+weights > 0) by one fused multiply-add per grid offset
+(:func:`engine.ml.device.fold_add_run`), normalised by the summed weights in float32
+at the end. Every window that covers a pixel lies
 inside that pixel's halo-extended block, so the output does not depend on the chunking;
 the blocks' cores are cut back to the input's chunks.
 
@@ -72,6 +72,7 @@ from engine.kernels.windows import (
 from engine.ml.device import (
     auto_batch_size,
     fold_add,
+    fold_add_run,
     gpu_semaphore,
     gpu_slots,
     resolve_device,
@@ -561,10 +562,11 @@ def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
                    out_channels: int, precision: str, fill_value: float | None) -> Any:
     """The block on the host (numpy, or cupy blocks with a CPU model): windows cut as
     strided views in slabs of whole window rows, one copy per slab, batches through the
-    model, weighted, and added with one strided add per grid offset class
-    (:func:`~engine.kernels.windows.overlap_add`) into this thread's reused accumulator;
-    the ``core`` divided by the summed weights is the one fresh array (x is the caller's
-    own buffer, NaN filled in place). Python loops over slabs and batches, never over
+    model, and each batch's output added, weighted, straight into this thread's reused
+    accumulator (:func:`engine.ml.device.fold_add_run`: one fused multiply-add per grid
+    offset class and box of the batch's windows, no buffer of predictions); the ``core``
+    divided by the summed weights is the one fresh array (``x`` is the caller's own
+    buffer, NaN filled in place). Python loops over slabs, batches and boxes, never over
     windows; memory holds one slab's windows, not the block's."""
     from engine.kernels.windows import window_view
 
@@ -575,11 +577,11 @@ def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
     if fill_value is not None:
         x[xp.isnan(x)] = xp.float32(fill_value)
     win = window_view(x, range(2, 2 + k), tile, stride, count=counts)  # (M, C, *nw, *tile)
-    weights = gaussian_weights(tile) if blend == "gaussian" else None
-    if weights is not None and xp is not np:
-        weights = xp.asarray(weights)
-    acc = _scratch(xp, "acc", (m_count, out_channels, *ext))
-    acc[...] = 0
+    acc_x = _scratch(xp, "acc", (m_count, out_channels, *ext))
+    acc_x[...] = 0
+    acc = torch.from_numpy(acc_x) if xp is np else torch.from_dlpack(acc_x)
+    weights = (_device_const(("gauss", tile), lambda: gaussian_weights(tile), acc.device)
+               if blend == "gaussian" else None)
     rest = math.prod(counts[1:])
     rows = max(1, min(counts[0], -(-max(bs, _SLAB_WINDOWS) // max(rest, 1))))
     for m, i0 in itertools.product(range(m_count), range(0, counts[0] if rest else 0, rows)):
@@ -588,23 +590,17 @@ def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
         cut = _scratch(xp, "cut", (r, *counts[1:], n_in, *tile))
         cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
         cut = cut.reshape(r * rest, n_in, *tile)
-        preds = _scratch(xp, "preds", (r * rest, out_channels, *tile))
         for b0 in range(0, r * rest, bs):
             batch = cut[b0:b0 + bs]
+            t = torch.from_numpy(batch) if xp is np else torch.from_dlpack(batch)
             with step_lock, _autocast(dev, precision):
-                out = _check_out(_forward(model, batch, dev, xp), len(batch), out_channels,
+                out = _check_out(_run_model(model, t.to(dev)), len(batch), out_channels,
                                  tile)
-            # weighted straight into the slab's buffer: one pass over the output
-            if weights is None:
-                preds[b0:b0 + len(batch)] = out
-            else:
-                xp.multiply(out, weights, out=preds[b0:b0 + len(batch)])
-        # (r*rest, O, *tile) -> (O, r, *rest_counts, *tile), added at row i0
-        preds = xp.moveaxis(preds.reshape(r, *counts[1:], out_channels, *tile), k, 0)
-        overlap_add(acc[m, :, i0 * stride[0]:], preds, stride)
+            fold_add_run(acc[m, :, i0 * stride[0]:], out.float().to(acc.device),
+                         (r, *counts[1:]), b0, stride, weights)
     # the core only, divided by the summed weights into the one fresh array of the block
     wsum = _block_weight_sum(ext, tile, stride, blend)[core]
-    cut_acc = acc[(slice(None), slice(None), *core)]
+    cut_acc = acc_x[(slice(None), slice(None), *core)]
     return xp.divide(cut_acc, wsum if xp is np else xp.asarray(wsum))
 
 
