@@ -71,7 +71,6 @@ from engine.kernels.windows import (
 )
 from engine.ml.device import (
     auto_batch_size,
-    fold_add,
     fold_add_run,
     gpu_semaphore,
     gpu_slots,
@@ -555,6 +554,22 @@ def _scratch(xp: Any, slot: str, shape: tuple[int, ...]) -> Any:
     return buf[:n].reshape(shape)
 
 
+def _run_slab(cut: torch.Tensor, acc: torch.Tensor, grid: tuple[int, ...], model: nn.Module,
+              dev: torch.device, step_lock: Any, precision: str, bs: int, out_channels: int,
+              tile: tuple[int, ...], stride: tuple[int, ...],
+              weights: torch.Tensor | None) -> None:
+    """A slab's windows ``cut`` (``(n, C, *tile)``, a ``grid`` of windows in C order)
+    through the model in batches of ``bs``, each batch's output added, weighted, into
+    ``acc`` (``(O, *spatial)``, window 0 at its origin) straight from the model
+    (:func:`engine.ml.device.fold_add_run`): no buffer of predictions, no weighted
+    copy. The host and the device paths share it."""
+    for b0 in range(0, len(cut), bs):
+        batch = cut[b0:b0 + bs]
+        with step_lock, _autocast(dev, precision):
+            out = _check_out(_run_model(model, batch.to(dev)), len(batch), out_channels, tile)
+        fold_add_run(acc, out.float().to(acc.device), grid, b0, stride, weights)
+
+
 def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
                    step_lock: Any, *, tile: tuple[int, ...], stride: tuple[int, ...],
                    counts: tuple[int, ...], core: tuple[slice, ...],
@@ -590,14 +605,9 @@ def _tiles_on_host(x: Any, model: nn.Module, digest: str, dev: torch.device,
         cut = _scratch(xp, "cut", (r, *counts[1:], n_in, *tile))
         cut[...] = xp.moveaxis(win[m, :, i0:i0 + r], 0, k)
         cut = cut.reshape(r * rest, n_in, *tile)
-        for b0 in range(0, r * rest, bs):
-            batch = cut[b0:b0 + bs]
-            t = torch.from_numpy(batch) if xp is np else torch.from_dlpack(batch)
-            with step_lock, _autocast(dev, precision):
-                out = _check_out(_run_model(model, t.to(dev)), len(batch), out_channels,
-                                 tile)
-            fold_add_run(acc[m, :, i0 * stride[0]:], out.float().to(acc.device),
-                         (r, *counts[1:]), b0, stride, weights)
+        _run_slab(torch.from_numpy(cut) if xp is np else torch.from_dlpack(cut),
+                  acc[m, :, i0 * stride[0]:], (r, *counts[1:]), model, dev, step_lock,
+                  precision, bs, out_channels, tile, stride, weights)
     # the core only, divided by the summed weights into the one fresh array of the block
     wsum = _block_weight_sum(ext, tile, stride, blend)[core]
     cut_acc = acc_x[(slice(None), slice(None), *core)]
@@ -631,8 +641,8 @@ def _tiles_on_device(block: Any, model: nn.Module, digest: str, dev: torch.devic
 
     One host->device copy (pinned, ``non_blocking``; cupy blocks are already there),
     windows cut on the device as an unfolded view (one gather per slab), forward passes,
-    the Gaussian weighting and the blend as strided in-place adds of the weighted windows
-    (:func:`engine.ml.device.fold_add`) into a device accumulator, the ``core``'s
+    each batch's output added, weighted, by fused strided multiply-adds
+    (:func:`engine.ml.device.fold_add_run`) into a device accumulator, the ``core``'s
     division by the summed weights, and one copy back of the core (none for cupy). The
     forward passes of other threads' blocks, their copies and their host work overlap
     this one.
@@ -656,17 +666,8 @@ def _tiles_on_device(block: Any, model: nn.Module, digest: str, dev: torch.devic
                 r = min(rows, counts[0] - i0)
                 # (C, r, *rest, *tile) -> (r*rest, C, *tile): one gather on the device
                 cut = win[m, :, i0:i0 + r].movedim(0, k).reshape(r * rest, n_in, *tile)
-                preds = torch.empty((r * rest, out_channels, *tile), device=dev,
-                                    dtype=torch.float32)
-                for b0 in range(0, r * rest, bs):
-                    batch = cut[b0:b0 + bs]
-                    with step_lock, _autocast(dev, precision):
-                        out = _run_model(model, batch)
-                    out = _check_out(out, len(batch), out_channels, tile)
-                    preds[b0:b0 + len(batch)] = out if weights is None else out * weights
-                fold_add(acc[m, :, i0 * stride[0]:],
-                         preds.reshape(r, *counts[1:], out_channels, *tile).movedim(k, 0),
-                         stride)
+                _run_slab(cut, acc[m, :, i0 * stride[0]:], (r, *counts[1:]), model, dev,
+                          step_lock, precision, bs, out_channels, tile, stride, weights)
         wsum = _device_const(("wsum", ext, tile, stride, blend),
                              lambda: _block_weight_sum(ext, tile, stride, blend), dev)
         core_acc = acc[(slice(None), slice(None), *core)] / wsum[core]
