@@ -491,3 +491,61 @@ def test_store_identity_changes_with_one_chunk(tmp_path, cube):
     assert store_identity(path) != store_identity(os.path.join(url, "t2m", "c", "1", "1", "1"))
     with pytest.raises(StoreError, match="nothing exists"):
         store_identity(str(tmp_path / "missing.zarr"))
+
+
+def _flaky_cube(flag, delay: float = 0.0, steps: int = 8):
+    """A cube whose blocks fail while the file ``flag`` exists, each taking ``delay`` s."""
+    import time
+
+    def block(x):
+        if os.path.exists(flag):
+            raise RuntimeError("transient failure")
+        time.sleep(delay)
+        return x
+
+    data = da.random.default_rng(1).random((steps, 10, 8), chunks=(2, 5, 4)).astype("f4")
+    return xr.Dataset({"x": (("time", "lat", "lon"), data.map_blocks(block, dtype="f4"))})
+
+
+def test_a_failed_cluster_write_resumes_in_the_same_session(tmp_path):
+    """The failure message says 'fix the cause and re-run': on the same client the re-run
+    used to get the failed futures back (same keys, kept alive by the error's traceback)
+    and fail again at once."""
+    from distributed import Client
+
+    flag = tmp_path / "fail"
+    flag.touch()
+    ds = _flaky_cube(str(flag))
+    url = str(tmp_path / "out.zarr")
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        with pytest.raises(RegionFailedError):
+            writer.write(ds, url, client=c, region_chunks={"time": 2}, retries=0)
+        flag.unlink()
+        writer.write(ds, url, client=c, region_chunks={"time": 2}, retries=0)
+    np.testing.assert_array_equal(open_store(url).x.values, ds.x.values)
+
+
+def test_an_interrupted_cluster_write_returns_with_nothing_of_it_running(tmp_path):
+    """A write stopped part way (here by its progress callback, as by Ctrl-C) returns only
+    when the region tasks already running on the workers have stopped: otherwise they
+    wrote their regions after it returned, into a store a later overwrite had replaced."""
+    from distributed import Client
+
+    from engine.io.writer import distributed as dist
+
+    ds = _flaky_cube(str(tmp_path / "no-flag"), delay=0.3, steps=12)
+    url = str(tmp_path / "out.zarr")
+
+    def stop(done, total):
+        if done >= 1:
+            raise RuntimeError("stopped by the user")
+
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as c:
+        with pytest.raises(RuntimeError, match="stopped by the user"):
+            writer.write(ds, url, client=c, region_chunks={"time": 2}, progress=stop)
+        running = [k for ks in c.run(dist._executing).values() for k in ks]
+        assert not [k for k in running if k.startswith("write-region")]
+        # and a later overwrite is what the store holds, also a while later
+        new = ds * 2
+        writer.write(new, url, client=c, region_chunks={"time": 2}, overwrite=True)
+    np.testing.assert_array_equal(open_store(url).x.values, new.x.values)

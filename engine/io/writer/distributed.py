@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,9 +133,17 @@ def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None =
     """Submit regions in a rolling window of ``in_flight`` and collect them as they finish,
     so one failure loses nothing else and the scheduler never holds the graph of the whole
     store: an archive of 10^5 regions costs the scheduler a few hundred regions at a time.
+
+    Keys are new for every call (the write's token and a nonce): a failed region's
+    future, still known to the client, is never handed back to the next attempt. When the
+    call stops early (an error, Ctrl-C) the regions not started are cancelled, and it
+    returns only once those already running on workers have stopped: a started task
+    cannot be interrupted, and would otherwise still write its region -- into a store
+    that a later write may have replaced.
     """
     from distributed import as_completed
 
+    key_token = f"{key_token}-{uuid.uuid4().hex}"
     threads = sum(client.nthreads().values()) or 1
     limit = int(config.get("write.regions-in-flight", in_flight) or 0) or max(8, 2 * threads)
 
@@ -170,7 +181,8 @@ def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None =
             try:
                 record = fut.result()
             except Exception as err:
-                failures.append((task, err))
+                # no traceback: its frames (this one) would keep the futures alive
+                failures.append((task, err.with_traceback(None)))
             else:
                 on_done(record)
             del fut
@@ -180,10 +192,37 @@ def run_distributed(client, ds, tasks, retries, on_done, in_flight: int | None =
                 pending[new.key] = (new, nxt)
                 running.add(new)
     finally:
-        client.cancel([f for f, _ in pending.values()])
+        left = [f for f, _ in pending.values()]
+        client.cancel(left)
         for fut in shared.values():
             fut.release()
+        if left:
+            wait_stopped(client, {str(f.key) for f in left})
     return failures
+
+
+def _executing(dask_worker) -> list[str]:
+    return [str(ts.key) for ts in dask_worker.state.executing]
+
+
+def wait_stopped(client, keys: set[str], poll: float = 0.1, tell_after: float = 5.0) -> None:
+    """Wait until no task of ``keys`` is running on any worker (a cancelled task that had
+    started runs on in its thread until it returns); says so on stderr after
+    ``tell_after`` seconds. A cluster that cannot be reached runs nothing any more."""
+    t0, told = time.monotonic(), False
+    while True:
+        try:
+            running = {k for ks in client.run(_executing).values() for k in ks} & keys
+        except Exception:
+            return
+        if not running:
+            return
+        if not told and time.monotonic() - t0 > tell_after:
+            sys.stderr.write(f"waiting for {len(running)} region task(s) already running on "
+                             "the workers to finish (a started task cannot be interrupted; "
+                             "stopping now could let it write after this write ends)\n")
+            told = True
+        time.sleep(poll)
 
 
 def current_client(client):
