@@ -16,9 +16,11 @@ Inside a block the windows are cut as strided views, run through the model in ba
 and each batch's output is blended with a Gaussian importance map (sigma = T/8,
 weights > 0) by one fused multiply-add per grid offset
 (:func:`engine.ml.device.fold_add_run`), normalised by the summed weights in float32
-at the end. Every window that covers a pixel lies
-inside that pixel's halo-extended block, so the output does not depend on the chunking;
-the blocks' cores are cut back to the input's chunks.
+at the end. Every window that covers a pixel lies inside that pixel's halo-extended
+block, so every pixel gets the same windows and weights whatever the chunking (values
+agree to float32 rounding: the order in which overlapping windows are summed, and the
+batches the model sees, follow the blocks); the blocks' cores are cut back to the
+input's chunks.
 
 *Pointwise* (``tile=None``): a per-pixel model ``(n, features) -> (n, out)``, one
 ``map_blocks`` task per chunk, one model call per ``batch_size`` valid pixels; pixels
