@@ -376,8 +376,10 @@ def test_other_values_on_the_same_layout_are_refused(tmp_path, cube):
     url = str(tmp_path / "out.zarr")
     writer.write(cube, url, region_chunks=REGIONS)
     before = snapshot(url)
-    with pytest.raises(ResumeError, match=r"written from different inputs \(data\): pass "
-                                          r"restart=True \(CLI --restart\) to recompute") as err:
+    with pytest.raises(ResumeError, match=r"written from different inputs \(data: the input "
+                                          r"values, or a model or a parameter that computes "
+                                          r"them\): pass restart=True \(CLI --restart\) to "
+                                          r"recompute") as err:
         writer.write(cube + 1, url, region_chunks=REGIONS)
     assert "\n" not in str(err.value)
     assert snapshot(url) == before

@@ -210,8 +210,9 @@ def write(
     ...     write(ds + 1, "memory://doc/out.zarr")
     ... except ResumeError as err:
     ...     print(err)  # doctest: +NORMALIZE_WHITESPACE
-    output store memory://doc/out.zarr was written from different inputs (data):
-    pass restart=True (CLI --restart) to recompute
+    output store memory://doc/out.zarr was written from different inputs (data: the input
+    values, or a model or a parameter that computes them): pass restart=True (CLI
+    --restart) to recompute
     """
     start = time.perf_counter()
     quiet_zarr()

@@ -68,6 +68,9 @@ def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict
         inputs_only = all(not f.startswith(("code_version", "variables", "encoding", "user."))
                           for f in changed)
         what = "from different inputs" if inputs_only else "by a different job"
+        if "data" in changed:  # the dask token of the values: their inputs and their graph
+            fields = fields.replace("data", "data: the input values, or a model or a "
+                                            "parameter that computes them", 1)
         raise ResumeError(f"output store {url} was written {what} ({fields}): {RECOMPUTE}")
     if not resume:
         raise StoreExistsError(
