@@ -24,7 +24,8 @@ from typing import Any
 
 import psutil
 
-__all__ = ["machine", "paired", "timed", "PeakRSS", "save", "cli", "print_ratios", "RESULTS"]
+__all__ = ["machine", "paired", "timed", "PeakRSS", "save", "cli", "print_ratios", "na",
+           "RESULTS"]
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -79,6 +80,11 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times, out
+
+
+def na(x: Any, fmt: str) -> str:
+    """``format(x, fmt)``, or ``"n/a"`` for a figure that was not measured (None)."""
+    return "n/a" if x is None else format(x, fmt)
 
 
 def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float, float]:

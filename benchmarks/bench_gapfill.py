@@ -76,7 +76,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from benchmarks._common import PeakRSS, cli, machine, print_ratios
+from benchmarks._common import PeakRSS, cli, machine, na, print_ratios
 from engine.io.catalog import open_cube
 from engine.ops.splits import block_split
 from engine.ops.stats import valid_mask
@@ -365,15 +365,12 @@ def _print(res: dict[str, Any]) -> None:
               f"{'n/a' if j['n_train_ml4xcube'] is None else format(j['n_train_ml4xcube'], ',')}; "
               f"OLS RMSE {j['rmse_ols']:.4f}")
 
-    def f(v: Any, fmt: str) -> str:
-        return "n/a" if v is None else format(v, fmt)
-
     print(f"{'method':36s} {'seconds':>8s} {'train s':>8s} {'epochs':>6s} {'RMSE degC':>9s} "
           f"{'peak MB':>8s} {'+MB':>6s}  note")
     for r in res["rows"]:
-        print(f"{r['name']:36s} {r['seconds']:8.2f} {f(r['train_s'], '8.2f'):>8s} "
-              f"{f(r['epochs_run'], 'd'):>6s} {f(r['rmse'], '9.4f'):>9s} "
-              f"{f(r['peak_mb'], '8.0f'):>8s} {f(r['delta_mb'], '6.0f'):>6s}  {r['note']}")
+        print(f"{r['name']:36s} {r['seconds']:8.2f} {na(r['train_s'], '8.2f'):>8s} "
+              f"{na(r['epochs_run'], 'd'):>6s} {na(r['rmse'], '9.4f'):>9s} "
+              f"{na(r['peak_mb'], '8.0f'):>8s} {na(r['delta_mb'], '6.0f'):>6s}  {r['note']}")
     for kind, msg in (res["broken"] or {}).items():
         print(f"ml4xcube broken ({kind}): {msg}")
     print_ratios(res, lambda k: ("ml4xcube seconds / engine seconds" if k.startswith("wall")

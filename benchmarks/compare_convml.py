@@ -103,7 +103,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._common import RESULTS, PeakRSS, machine
+from benchmarks._common import RESULTS, PeakRSS, machine, na
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = "jobs/embed-clouds.yaml"
@@ -575,16 +575,13 @@ def _print(res: dict[str, Any]) -> None:
           f"{v.get('convml-tt')}, pytorch-lightning {v.get('pytorch-lightning')}, kornia "
           f"{v.get('kornia')}; {res['machine']['cpus']} cores")
 
-    def f(x: Any, fmt: str) -> str:
-        return "n/a" if x is None else format(x, fmt)
-
     print(f"{'method':28s} {'wall s':>7s} {'train s':>8s} {'trip/s':>7s} {'ep':>3s} "
           f"{'params':>9s} {'NMI [95% CI]':>22s} {'ARI [95% CI]':>22s} "
           f"{'silhouette [95% CI]':>22s}  note")
     for r in res["rows"]:
-        print(f"{r['name']:28s} {f(r['seconds'], '7.1f'):>7s} {f(r['train_s'], '8.1f'):>8s} "
-              f"{f(r['triplets_per_s'], '7.1f'):>7s} {f(r['epochs_run'], 'd'):>3s} "
-              f"{f(r['parameters'], ',d'):>9s} {_ci(r['scores'], 'nmi'):>22s} "
+        print(f"{r['name']:28s} {na(r['seconds'], '7.1f'):>7s} {na(r['train_s'], '8.1f'):>8s} "
+              f"{na(r['triplets_per_s'], '7.1f'):>7s} {na(r['epochs_run'], 'd'):>3s} "
+              f"{na(r['parameters'], ',d'):>9s} {_ci(r['scores'], 'nmi'):>22s} "
               f"{_ci(r['scores'], 'ari'):>22s} {_ci(r['scores'], 'silhouette'):>22s}  "
               f"{r['note']}")
     q = res["png_quantisation"]

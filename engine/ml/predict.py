@@ -82,7 +82,14 @@ from engine.ml.device import (
     to_host,
     unfold_windows,
 )
-from engine.ops.tiled import block_shape, crop_blocks, gather, map_gathered, plan_tiles
+from engine.ops.tiled import (
+    TiledPlan,
+    block_shape,
+    crop_blocks,
+    gather,
+    map_gathered,
+    plan_tiles,
+)
 
 __all__ = [
     "predict",
@@ -471,9 +478,7 @@ def _block_weight_sum(ext: tuple[int, ...], tile: tuple[int, ...], stride: tuple
 def _predict_tiles(spec: tuple, index: tuple[int, ...], payload: _Payload, *pieces: Any,
                    tile: tuple[int, ...], stride: tuple[int, ...],
                    batch_size: int | None, blend: str, out_channels: int, device: str,
-                   precision: str, fill_value: float | None,
-                   bounds: tuple[tuple[int, ...], ...], real: tuple[tuple[int, int], ...],
-                   depth: tuple[int, ...]) -> Any:
+                   precision: str, fill_value: float | None, tiling: TiledPlan) -> Any:
     """One halo-extended block and the model -> its core ``(*others, out, *core)``.
 
     The block ``(*others, C, *ext)`` (all channels, float32) is assembled here from the
@@ -481,10 +486,10 @@ def _predict_tiles(spec: tuple, index: tuple[int, ...], payload: _Payload, *piec
     thread's reused buffer on the host, or into pinned memory on its way to a CUDA device
     (one copy from the chunks to the device, through the pinned buffer). Local index 0 of
     the block is a grid point (block boundaries are multiples of the stride in the padded
-    array), so the block runs every full window of its local grid. ``bounds`` (block
-    boundaries of the padded array) and ``depth`` (the halo) place the block's core in
-    it: only the core is returned (the halo's blend is incomplete, and never stored);
-    ``real`` (the array's ``[start, stop)``) counts the core's real pixels for the meter.
+    array), so the block runs every full window of its local grid. Only the block's core
+    (:meth:`~engine.ops.tiled.TiledPlan.core`) is returned: the halo's blend is
+    incomplete, and never stored; the core's real pixels (inside ``tiling.real``) are
+    counted for the meter.
     On a CUDA device the whole block runs there (:func:`_tiles_on_device`).
     """
     t0 = time.perf_counter()
@@ -494,8 +499,7 @@ def _predict_tiles(spec: tuple, index: tuple[int, ...], payload: _Payload, *piec
     m_count = math.prod(others)
     counts = tuple(max(0, (e - t) // s + 1) for e, t, s in zip(ext, tile, stride, strict=True))
     at = index[len(index) - k:]
-    core = tuple(slice(b[i] - max(0, b[i] - d), b[i + 1] - max(0, b[i] - d))
-                 for b, d, i in zip(bounds, depth, at, strict=True))
+    core = tuple(tiling.core(j, i) for j, i in enumerate(at))
     dev, lock = _execution_context(device)
     block_lock, step_lock = _locks(dev, lock)
     model = _get_model(payload, dev)
@@ -513,7 +517,7 @@ def _predict_tiles(spec: tuple, index: tuple[int, ...], payload: _Payload, *piec
                   counts=counts, core=core, batch_size=batch_size, blend=blend,
                   out_channels=out_channels, precision=precision, fill_value=fill_value)
     pixels = m_count
-    for b, (lo, hi), i in zip(bounds, real, at, strict=True):
+    for b, (lo, hi), i in zip(tiling.bounds, tiling.real, at, strict=True):
         pixels *= max(0, min(b[i + 1], hi) - max(b[i], lo))
     meter.record("predict", items=m_count * math.prod(counts), pixels=pixels,
                  bytes_read=4 * math.prod(shape),
@@ -932,7 +936,7 @@ def predict(
         # blocks cut at multiples of the stride near the input's chunk boundaries
         plan = plan_tiles(xs[0].shape[k0:], in_chunks[k0:], size, stride)
         params = {"tile": size, "stride": stride, "batch_size": bs, "blend": blend,
-                  "bounds": plan.bounds, "real": plan.real, "depth": plan.depth, **common}
+                  "tiling": plan, **common}
         token = dask.base.tokenize("tiles", [x.name for x in xs], in_chunks, payload.digest,
                                    str(boundary), type(boundary).__name__,
                                    sorted(params.items()))

@@ -41,6 +41,13 @@ def stored_layout(url: str, so: dict, names) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: Fingerprint fields whose name alone does not say what changed.
+_FIELD_MEANING = {
+    # the dask token of the values: their inputs and the graph that computes them
+    "data": "data: the input values, or a model or a parameter that computes them",
+}
+
+
 def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict | None:
     """Decide what to do with what is already at ``url``.
 
@@ -68,9 +75,7 @@ def existing(url, fs, root, so, fp, fp_hash, layout, *, resume, replace) -> dict
         inputs_only = all(not f.startswith(("code_version", "variables", "encoding", "user."))
                           for f in changed)
         what = "from different inputs" if inputs_only else "by a different job"
-        if "data" in changed:  # the dask token of the values: their inputs and their graph
-            fields = fields.replace("data", "data: the input values, or a model or a "
-                                            "parameter that computes them", 1)
+        fields = ", ".join(_FIELD_MEANING.get(f, f) for f in changed[:6])
         raise ResumeError(f"output store {url} was written {what} ({fields}): {RECOMPUTE}")
     if not resume:
         raise StoreExistsError(
